@@ -1,0 +1,69 @@
+"""How one model's vLLM server is launched: its argv and environment.
+
+Pure functions from the registry to a `supervisor.Program`. Flags vLLama sets
+itself come first and the operator's `engine.args` and `vllm_args` last, so
+an operator can override anything (vLLM's parser keeps the last value).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+
+from .config import Config, Model, is_local_source
+from .supervisor import Program
+
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+def vllm_argv(config: Config, model: Model, port: int, extra_args: Sequence[str] = ()) -> list[str]:
+    python = config.engine.python or sys.executable
+    argv = [
+        python, "-m", VLLM_MODULE,
+        "--model", config.source_path(model),
+        "--served-model-name", model.served_name,
+        "--host", "127.0.0.1",
+        "--port", str(port),
+    ]
+    if model.revision and not is_local_source(model.source):
+        argv += ["--revision", model.revision]
+    if model.max_model_len:
+        argv += ["--max-model-len", str(model.max_model_len)]
+    if model.embedding:
+        argv += ["--runner", "pooling"]
+    if model.tool_call_parser:
+        argv += ["--enable-auto-tool-choice", "--tool-call-parser", model.tool_call_parser]
+    if model.reasoning_parser:
+        argv += ["--reasoning-parser", model.reasoning_parser]
+    if model.tensor_parallel > 1:
+        argv += ["--tensor-parallel-size", str(model.tensor_parallel)]
+    argv += list(extra_args)
+    argv += config.engine.args
+    argv += model.vllm_args
+    return argv
+
+
+def vllm_env(config: Config, model: Model, extra_env: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "PYTHONUNBUFFERED": "1"}
+    env.update(config.engine.env)
+    env.update(extra_env or {})
+    env.update(model.env)
+    return env
+
+
+def program(
+    config: Config,
+    model: Model,
+    port: int,
+    *,
+    extra_args: Sequence[str] = (),
+    extra_env: Mapping[str, str] | None = None,
+) -> Program:
+    """The supervisord program for `model` on `port`, with the planner's flags and env."""
+    return Program(
+        name=model.program,
+        argv=tuple(vllm_argv(config, model, port, extra_args)),
+        env=vllm_env(config, model, extra_env),
+        stopwaitsecs=config.engine.stopwaitsecs,
+        startretries=config.engine.startretries,
+    )

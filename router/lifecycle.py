@@ -1,0 +1,418 @@
+"""Each model's life: stopped → starting → ready ⇄ unhealthy, restarting, failed.
+
+supervisord says whether a model's process lives; vLLM's ``/health`` says
+whether it serves. `Fleet` joins the two into one state per model, starts
+models in order (two vLLMs must not profile one device at once), lets requests
+wait for a model that is starting, and keeps the reason and the log lines of
+every failure so that an error names its cause.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from . import engine, supervisor
+from .config import Config, Model, parse_duration
+from .supervisor import Supervisor
+from .upstream import Upstream
+
+log = logging.getLogger("vllama.lifecycle")
+
+FOREVER = math.inf
+LOG_TAIL_LINES = 50
+
+
+class State(StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    UNHEALTHY = "unhealthy"
+    RESTARTING = "restarting"
+    FAILED = "failed"
+
+
+class ModelNotFound(Exception):
+    def __init__(self, name: str) -> None:
+        super().__init__(f'model "{name}" not found, try pulling it first')
+        self.name = name
+
+
+class ModelUnavailable(Exception):
+    """The model exists but cannot serve now: 503, with the reason and a retry hint."""
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+@dataclass
+class Runtime:
+    """What the router knows about one model right now."""
+
+    model: Model
+    port: int | None
+    base_url: str
+    state: State = State.STOPPED
+    reason: str = "not started"
+    since: float = field(default_factory=time.time)
+    pid: int | None = None
+    started_at: float | None = None
+    restarts: int = 0
+    inflight: int = 0
+    waiting: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    keep_alive: float = 300.0
+    expires_at: float | None = None
+    log_tail: list[str] = field(default_factory=list)
+    wanted: bool = False
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    @property
+    def remote(self) -> bool:
+        return self.model.url is not None
+
+    @property
+    def always(self) -> bool:
+        return self.model.load == "always"
+
+
+@dataclass
+class Lease:
+    """A request's hold on a model: counted in flight until released."""
+
+    fleet: Fleet
+    runtime: Runtime
+    keep_alive: float | None = None
+    _done: bool = False
+
+    def release(self) -> None:
+        if not self._done:
+            self._done = True
+            self.fleet._release(self)
+
+
+def free_port(start: int, taken: set[int]) -> int:
+    """The first port from `start` that is neither taken by the registry nor bound."""
+    port = start
+    while True:
+        if port not in taken:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                    return port
+                except OSError:
+                    pass
+        port += 1
+
+
+class Fleet:
+    """All models of the registry and their processes."""
+
+    def __init__(
+        self,
+        config: Config,
+        sup: Supervisor | None,
+        upstream: Upstream,
+        *,
+        placement: Callable[[Config, Model], tuple[list[str], dict[str, str]]] | None = None,
+        on_supervisor_lost: Callable[[], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.sup = sup
+        self.upstream = upstream
+        self.placement = placement or (lambda _c, _m: ([], {}))
+        self.on_supervisor_lost = on_supervisor_lost
+        self.runtimes: dict[str, Runtime] = {}
+        self._start_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._monitor: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # --- setup -------------------------------------------------------------------
+
+    def _runtime_for(self, model: Model, previous: Runtime | None) -> Runtime:
+        if model.url:
+            return Runtime(model=model, port=None, base_url=model.url.rstrip("/"), wanted=True,
+                           reason="remote server")
+        taken = {m.port for m in self.config.models if m.port} | {self.config.server.port}
+        taken |= {rt.port for rt in self.runtimes.values() if rt.port}
+        port = model.port or (previous.port if previous and previous.port else None)
+        if port is None:
+            port = free_port(self.config.engine.base_port, taken)
+        rt = Runtime(model=model, port=port, base_url=f"http://127.0.0.1:{port}")
+        rt.keep_alive = parse_duration(model.keep_alive)
+        return rt
+
+    def programs(self) -> list[supervisor.Program]:
+        out = []
+        for rt in self.runtimes.values():
+            if rt.remote or rt.port is None:
+                continue
+            args, env = self.placement(self.config, rt.model)
+            out.append(engine.program(self.config, rt.model, rt.port, extra_args=args, extra_env=env))
+        return out
+
+    async def start(self) -> None:
+        """Register every model with supervisord, start the `always` ones in order, watch them."""
+        for m in self.config.models:
+            self.runtimes[m.name] = self._runtime_for(m, None)
+        if self.sup is not None:
+            await self.sup.apply(self.programs())
+        boot = [rt for rt in self.runtimes.values() if rt.always and not rt.remote]
+        for rt in boot:
+            rt.wanted = True
+        self._spawn(self._start_in_order(boot))
+        self._monitor = asyncio.create_task(self._watch(), name="vllama-monitor")
+
+    async def close(self) -> None:
+        self._closing = True
+        for t in [*self._tasks, *( [self._monitor] if self._monitor else [])]:
+            t.cancel()
+        for t in [*self._tasks, *([self._monitor] if self._monitor else [])]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- lookups -------------------------------------------------------------------
+
+    def get(self, name: str) -> Runtime:
+        model = self.config.lookup(name)
+        if model is None or model.name not in self.runtimes:
+            raise ModelNotFound(name)
+        return self.runtimes[model.name]
+
+    @property
+    def inflight(self) -> int:
+        return sum(rt.inflight for rt in self.runtimes.values())
+
+    # --- state ---------------------------------------------------------------------
+
+    async def _set(self, rt: Runtime, state: State, reason: str) -> None:
+        if rt.state == state and rt.reason == reason:
+            return
+        level = logging.WARNING if state in (State.FAILED, State.UNHEALTHY, State.RESTARTING) else logging.INFO
+        log.log(level, "%s: %s → %s (%s)", rt.name, rt.state, state, reason)
+        rt.state, rt.reason, rt.since = state, reason, time.time()
+        if state == State.READY and rt.started_at is None:
+            rt.started_at = time.time()
+        if state in (State.STOPPED, State.FAILED):
+            rt.started_at = None
+        async with rt.changed:
+            rt.changed.notify_all()
+
+    def _log_path(self, rt: Runtime) -> Path | None:
+        return self.sup.paths.log(rt.model.program) if self.sup else None
+
+    def _read_tail(self, rt: Runtime) -> list[str]:
+        p = self._log_path(rt)
+        rt.log_tail = supervisor.tail_file(p, LOG_TAIL_LINES) if p else []
+        return rt.log_tail
+
+    def failure_reason(self, rt: Runtime, what: str) -> str:
+        """`what` plus the most telling line of the model's log (an error, else the last)."""
+        lines = self._read_tail(rt)
+        markers = ("Error", "error", "OutOfMemory", "out of memory", "No such file", "not found", "Exception")
+        telling = [ln.strip() for ln in lines if any(m in ln for m in markers)]
+        detail = telling[-1] if telling else (lines[-1].strip() if lines else "")
+        return f"{what}: {detail}" if detail else what
+
+    async def _healthy(self, rt: Runtime) -> bool:
+        try:
+            r = await self.upstream.get(rt.base_url, "/health", timeout=2.0)
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200
+
+    async def _serves_name(self, rt: Runtime) -> bool:
+        try:
+            r = await self.upstream.get(rt.base_url, "/v1/models", timeout=2.0)
+            ids = {m.get("id") for m in r.json().get("data", [])}
+        except (httpx.HTTPError, ValueError):
+            return False
+        return rt.model.served_name in ids
+
+    async def _observe(self, rt: Runtime, info: dict[str, Any] | None) -> None:
+        """Fold supervisord's view and a health probe into the model's state."""
+        if rt.remote:
+            ok = await self._healthy(rt)
+            await self._set(rt, State.READY if ok else State.UNHEALTHY,
+                            "remote server answers /health" if ok else "remote server does not answer /health")
+            return
+        sstate = info["statename"] if info else "STOPPED"
+        pid = info.get("pid") or None if info else None
+        if sstate in ("STARTING", "RUNNING"):
+            if rt.pid is not None and pid != rt.pid and rt.state != State.STOPPED:
+                rt.restarts += 1
+            rt.pid = pid
+            if rt.state in (State.STOPPED, State.RESTARTING, State.FAILED):
+                rt.started_at = None
+                await self._set(rt, State.STARTING, f"process {pid} started; waiting for /health")
+            if await self._healthy(rt):
+                if rt.state != State.READY and await self._serves_name(rt):
+                    await self._set(rt, State.READY, f"process {pid} answers /health")
+            elif rt.state == State.READY:
+                await self._set(rt, State.UNHEALTHY, "process lives but /health fails")
+        elif sstate in ("BACKOFF", "EXITED"):
+            rt.pid = None
+            if sstate == "EXITED" and info and info.get("exitstatus") == 0 and not rt.wanted:
+                await self._set(rt, State.STOPPED, "exited")
+            elif rt.state != State.RESTARTING:
+                await self._set(rt, State.RESTARTING,
+                                self.failure_reason(rt, f"process exited ({info.get('description', '') if info else ''})"))
+        elif sstate == "FATAL":
+            rt.pid = None
+            if rt.state != State.FAILED:
+                await self._set(rt, State.FAILED, self.failure_reason(rt, "gave up restarting"))
+        else:  # STOPPED, STOPPING, UNKNOWN
+            rt.pid = None
+            if rt.state not in (State.STOPPED, State.FAILED):
+                await self._set(rt, State.STOPPED, "stopped")
+
+    async def refresh(self) -> None:
+        """One look at every model (the monitor does this every second)."""
+        infos: dict[str, dict[str, Any]] = {}
+        if self.sup is not None:
+            infos = await self.sup.processes()
+        await asyncio.gather(*(self._observe(rt, infos.get(rt.model.program)) for rt in list(self.runtimes.values())))
+
+    async def _watch(self) -> None:
+        while not self._closing:
+            try:
+                await self.refresh()
+            except (OSError, ConnectionError) as e:
+                if self.sup is not None and not self.sup.alive():
+                    log.error("supervisord is gone (%s); shutting down", e)
+                    if self.on_supervisor_lost:
+                        self.on_supervisor_lost()
+                    return
+                log.warning("could not reach supervisord: %s", e)
+            except Exception:  # never let the monitor die
+                log.exception("monitor error")
+            self._expire_idle()
+            busy = any(rt.state in (State.STARTING, State.RESTARTING) for rt in self.runtimes.values())
+            await asyncio.sleep(0.25 if busy else 1.0)
+
+    # --- starting and stopping -----------------------------------------------------------
+
+    async def _start_in_order(self, runtimes: Iterable[Runtime]) -> None:
+        for rt in runtimes:
+            with contextlib.suppress(ModelUnavailable):
+                await self._start_and_wait(rt, self.config.server.cold_start_timeout)
+
+    async def _start_and_wait(self, rt: Runtime, timeout: float) -> None:
+        """Start `rt` and hold the start lock until it is ready or failed."""
+        if self.sup is None or rt.remote:
+            return
+        async with self._start_lock:
+            if not rt.wanted or rt.state == State.READY:
+                return
+            if rt.state in (State.STOPPED, State.FAILED):
+                await self._set(rt, State.STARTING, "starting")
+                await self.sup.start(rt.model.program)
+            await self._wait_state(rt, timeout)
+
+    async def _wait_state(self, rt: Runtime, timeout: float) -> None:
+        def settled() -> bool:
+            return rt.state in (State.READY, State.FAILED) or not rt.wanted
+
+        try:
+            async with asyncio.timeout(timeout):
+                async with rt.changed:
+                    await rt.changed.wait_for(settled)
+        except TimeoutError:
+            raise ModelUnavailable(
+                f'model "{rt.name}" is still {rt.state.value} after {timeout:.0f}s: {rt.reason}', retry_after=30
+            ) from None
+
+    async def ensure_started(self, rt: Runtime) -> None:
+        if rt.remote or rt.state == State.READY:
+            return
+        rt.wanted = True
+        if rt.state in (State.STOPPED, State.FAILED) and not self._start_lock.locked():
+            self._spawn(self._start_and_wait(rt, self.config.server.cold_start_timeout))
+        elif rt.state in (State.STOPPED, State.FAILED):
+            self._spawn(self._start_and_wait(rt, self.config.server.cold_start_timeout))
+
+    async def stop_model(self, rt: Runtime, reason: str) -> None:
+        if self.sup is None or rt.remote:
+            return
+        rt.wanted = False
+        log.info("%s: stopping (%s)", rt.name, reason)
+        await self.sup.stop(rt.model.program)
+        rt.pid = None
+        await self._set(rt, State.STOPPED, reason)
+
+    async def restart_model(self, rt: Runtime) -> None:
+        await self.stop_model(rt, "restart requested")
+        rt.wanted = True
+        await self.ensure_started(rt)
+
+    # --- requests --------------------------------------------------------------------
+
+    async def acquire(self, name: str, keep_alive: float | None = None) -> Lease:
+        """Wait (bounded) until the model `name` can serve, and count the request in flight.
+
+        Raises ModelNotFound (404) or ModelUnavailable (503: failed, queue full, timeout).
+        """
+        rt = self.get(name)
+        if rt.state != State.READY:
+            if rt.state == State.FAILED and rt.wanted and not rt.always:
+                pass  # an on-demand model that failed may be retried by a new request
+            elif rt.state == State.FAILED:
+                raise ModelUnavailable(f'model "{rt.name}" failed: {rt.reason}')
+            if rt.waiting >= rt.model.max_queue:
+                raise ModelUnavailable(
+                    f'model "{rt.name}" is {rt.state.value}: {rt.waiting} requests already waiting', retry_after=5
+                )
+            rt.waiting += 1
+            try:
+                await self.ensure_started(rt)
+                await self._wait_state(rt, self.config.server.cold_start_timeout)
+            finally:
+                rt.waiting -= 1
+            if rt.state == State.FAILED:
+                raise ModelUnavailable(f'model "{rt.name}" failed: {rt.reason}')
+            if rt.state != State.READY:
+                raise ModelUnavailable(f'model "{rt.name}" is {rt.state.value}: {rt.reason}', retry_after=5)
+        rt.inflight += 1
+        rt.last_used = time.monotonic()
+        return Lease(self, rt, keep_alive)
+
+    def _release(self, lease: Lease) -> None:
+        rt = lease.runtime
+        rt.inflight -= 1
+        rt.last_used = time.monotonic()
+        if lease.keep_alive is not None:
+            rt.keep_alive = lease.keep_alive
+        rt.expires_at = None if rt.always or rt.keep_alive == FOREVER else time.time() + rt.keep_alive
+        if rt.inflight == 0 and not rt.always and rt.keep_alive == 0:
+            self._spawn(self.stop_model(rt, "keep_alive 0"))
+
+    def _expire_idle(self) -> None:
+        now = time.time()
+        for rt in self.runtimes.values():
+            if (not rt.always and not rt.remote and rt.state == State.READY and rt.inflight == 0
+                    and rt.expires_at is not None and rt.expires_at <= now):
+                rt.expires_at = None
+                self._spawn(self.stop_model(rt, f"idle for keep_alive ({rt.keep_alive:g}s)"))

@@ -1,0 +1,114 @@
+"""`vllama serve`: supervisord, the fleet of vLLM servers and the HTTP API, in one process.
+
+Order matters at both ends. Starting: leftovers of an earlier run are stopped
+(they may hold GPU memory), supervisord comes up on its private socket, models
+are registered and started in order, and the API listens at once (requests to
+a model that is starting wait for it). Stopping (SIGTERM, Ctrl-C): the API
+stops accepting, in-flight requests get `shutdown_grace` seconds, then every
+vLLM process group is stopped, then supervisord. If supervisord dies under
+us, we shut down rather than serve without process control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+
+from . import supervisor
+from .app import create_app
+from .catalog import Catalog
+from .config import Config
+from .lifecycle import Fleet
+from .service import OllamaService
+from .supervisor import Paths, Supervisor
+from .upstream import Timeouts, Upstream
+
+log = logging.getLogger("vllama.serve")
+
+
+@dataclass
+class Options:
+    host: str | None = None
+    port: int | None = None
+    state_dir: Path | None = None
+    attach: bool = False
+    """Use the supervisord that runs us (top-level supervisord.conf) instead of starting one."""
+    log_level: str = "info"
+
+
+def state_dir_for(config: Config, override: Path | None) -> Path:
+    if override:
+        return override.resolve()
+    if config.server.state_dir:
+        return (config.base_dir / Path(config.server.state_dir).expanduser()).resolve()
+    return supervisor.default_state_dir()
+
+
+async def run(config: Config, opts: Options) -> int:
+    paths = Paths(state_dir_for(config, opts.state_dir))
+    if opts.attach:
+        sup = Supervisor.attach(paths)
+    else:
+        paths.create()
+        killed = supervisor.kill_stale(paths.root)
+        if killed:
+            log.warning("stopped %d processes left by an earlier run in %s: %s", len(killed), paths.root, killed)
+        sup = Supervisor.spawn(paths)
+    log.info("supervisord ready on %s", paths.socket)
+
+    s = config.server
+    upstream = Upstream(Timeouts(s.connect_timeout, s.first_token_timeout, s.between_tokens_timeout))
+    server: uvicorn.Server | None = None
+
+    def supervisor_lost() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    fleet = Fleet(config, sup, upstream, on_supervisor_lost=supervisor_lost)
+    service = OllamaService(fleet, upstream)
+    app = create_app(service, Catalog(config), max_body_bytes=int(s.max_body_mb * 1024 * 1024))
+
+    uv = uvicorn.Config(
+        app,
+        host=opts.host or s.host,
+        port=opts.port or s.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="off",
+        access_log=False,
+        log_level=opts.log_level,
+        timeout_graceful_shutdown=int(s.shutdown_grace),
+        timeout_keep_alive=30,
+    )
+    server = uvicorn.Server(uv)
+    # uvicorn re-raises the signal that stopped it once it returns; make that a
+    # no-op so the cleanup below runs (the default SIGTERM action would kill us).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    try:
+        await fleet.start()
+        await server.serve()
+    finally:
+        log.info("stopping models and supervisord")
+        await fleet.close()
+        if opts.attach:
+            await sup.stop_all()
+        else:
+            await sup.shutdown()
+        await upstream.aclose()
+    return 0
+
+
+def main(config: Config, opts: Options) -> int:
+    logging.basicConfig(level=opts.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe otherwise
+    # Ctrl-C and SIGTERM are handled by uvicorn (graceful); a second one forces exit.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    return asyncio.run(run(config, opts))

@@ -1,0 +1,408 @@
+"""supervisord: the process manager that runs one vLLM server per model.
+
+We generate supervisord's configuration from the registry, start supervisord
+on a private unix socket (or attach to one that runs us), and drive it over
+its XML-RPC interface. supervisord stays the source of truth for process
+state; readiness (vLLM's ``/health``) is the lifecycle module's business.
+
+Every argument from ``models.yaml`` reaches vLLM as one argv element: the
+``command=`` line is written with POSIX quoting that survives supervisord's
+own parsing (``%`` expansion, ``;``/``#`` inline comments), and the tests
+round-trip hostile arguments through supervisor's real parser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import xmlrpc.client
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+from supervisor.xmlrpc import SupervisorTransport
+
+# supervisord process states (supervisor.states.ProcessStates).
+STOPPED, STARTING, RUNNING, BACKOFF, STOPPING, EXITED, FATAL, UNKNOWN = 0, 10, 20, 30, 40, 100, 200, 1000
+
+#: Set in every child's environment so that leftovers of a SIGKILLed router can
+#: be found by their state dir, even once they have been re-parented to init.
+STATE_ENV = "VLLAMA_STATE_DIR"
+
+
+class SupervisorError(Exception):
+    """supervisord could not be started, reached, or asked to do something."""
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The runtime directory layout. The directory is 0700: the socket gives full control."""
+
+    root: Path
+
+    @property
+    def conf(self) -> Path:
+        return self.root / "supervisord.conf"
+
+    @property
+    def socket(self) -> Path:
+        return self.root / "supervisor.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.root / "supervisord.pid"
+
+    @property
+    def programs(self) -> Path:
+        return self.root / "programs"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def log(self, program: str) -> Path:
+        return self.logs / f"{program}.log"
+
+    def program_file(self, program: str) -> Path:
+        return self.programs / f"{program}.conf"
+
+    def create(self) -> None:
+        for d in (self.root, self.programs, self.logs):
+            d.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        if len(str(self.socket)) > 100:
+            raise SupervisorError(f"state dir path too long for a unix socket: {self.socket}")
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "vllama"
+
+
+# --- configuration -------------------------------------------------------------
+
+
+def quote_arg(arg: str) -> str:
+    """Quote one argv element for supervisord's ``command=``.
+
+    supervisord expands ``%(...)s`` (so ``%`` becomes ``%%``) and its config parser
+    cuts a line at ``;`` or ``#`` after whitespace even inside quotes; closing and
+    reopening the quote (``'a '';b'``) puts a quote character before it instead.
+    """
+    if "\n" in arg or "\x00" in arg:
+        raise ValueError(f"argument contains a newline or NUL: {arg!r}")
+    q = shlex.quote(arg)
+    q = re.sub(r"(\s)([;#])", r"\1''\2", q)
+    return q.replace("%", "%%")
+
+
+def quote_env(env: Mapping[str, str]) -> str:
+    """``environment=`` value; supervisord splits it with a non-POSIX shlex."""
+    parts = []
+    for k, v in env.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+            raise ValueError(f"invalid environment variable name {k!r}")
+        if '"' in v or "\n" in v or re.search(r"\s[;#]", v):
+            raise ValueError(f'environment value of {k} cannot be passed by supervisord: {v!r}')
+        parts.append(f'{k}="{v.replace("%", "%%")}"')
+    return ",".join(parts)
+
+
+@dataclass(frozen=True)
+class Program:
+    """One supervisord program: a vLLM server for one model."""
+
+    name: str
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    stopwaitsecs: int = 20
+    startretries: int = 3
+    autostart: bool = False
+
+    def render(self, paths: Paths) -> str:
+        """The ``[program:x]`` section. Stable for equal inputs, so reloads see no change."""
+        log = paths.log(self.name)
+        env = {**self.env, STATE_ENV: str(paths.root)}
+        lines = [
+            f"[program:{self.name}]",
+            "command=" + " ".join(quote_arg(a) for a in self.argv),
+            f"environment={quote_env(dict(sorted(env.items())))}",
+            f"directory={paths.root}",
+            f"autostart={'true' if self.autostart else 'false'}",
+            "autorestart=unexpected",
+            "exitcodes=0",
+            # RUNNING only means "alive this long"; readiness is vLLM's /health.
+            "startsecs=5",
+            f"startretries={self.startretries}",
+            "stopsignal=TERM",
+            f"stopwaitsecs={self.stopwaitsecs}",
+            # vLLM forks EngineCore and worker processes: signal the whole group.
+            "stopasgroup=true",
+            "killasgroup=true",
+            "redirect_stderr=true",
+            f"stdout_logfile={log}",
+            "stdout_logfile_maxbytes=20MB",
+            "stdout_logfile_backups=2",
+            "",
+        ]
+        return "\n".join(lines)
+
+
+def render_main_conf(paths: Paths, include: Sequence[Path] = ()) -> str:
+    includes = " ".join(str(p) for p in (paths.programs / "*.conf", *include))
+    return "\n".join(
+        [
+            "; Generated by vllama serve; edits are overwritten.",
+            "[unix_http_server]",
+            f"file={paths.socket}",
+            "chmod=0700",
+            "",
+            "[rpcinterface:supervisor]",
+            "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+            "",
+            "[supervisord]",
+            "nodaemon=true",
+            f"logfile={paths.logs / 'supervisord.log'}",
+            "logfile_maxbytes=10MB",
+            f"pidfile={paths.pidfile}",
+            f"childlogdir={paths.logs}",
+            f"directory={paths.root}",
+            "",
+            "[include]",
+            f"files = {includes}",
+            "",
+        ]
+    )
+
+
+def write_programs(paths: Paths, programs: Sequence[Program]) -> None:
+    """Make ``programs/`` hold exactly these programs; unchanged files are not touched."""
+    wanted = {paths.program_file(p.name): p.render(paths) for p in programs}
+    for f in paths.programs.glob("*.conf"):
+        if f not in wanted:
+            f.unlink()
+    for f, text in wanted.items():
+        if not f.exists() or f.read_text() != text:
+            tmp = f.with_suffix(".tmp")
+            tmp.write_text(text)
+            tmp.replace(f)
+
+
+# --- the supervisord process and its RPC -----------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if vllama dies, even by SIGKILL (Linux only)."""
+    os.setsid()
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Supervisor:
+    """XML-RPC client for one supervisord, serialised onto a worker thread.
+
+    The transport keeps one connection and is not thread-safe, so every call
+    goes through one lock; calls run in a thread so the event loop never blocks.
+    """
+
+    def __init__(self, paths: Paths, process: subprocess.Popen[bytes] | None = None) -> None:
+        self.paths = paths
+        self.process = process
+        self._lock = asyncio.Lock()
+        self._proxy = self._make_proxy()
+
+    def _make_proxy(self) -> Any:
+        transport = SupervisorTransport(None, None, f"unix://{self.paths.socket}")
+        return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport, allow_none=True)
+
+    # lifecycle of supervisord itself
+
+    @classmethod
+    def spawn(cls, paths: Paths, *, timeout: float = 20.0) -> Supervisor:
+        """Start supervisord as our child in its own session, and wait for its socket."""
+        paths.create()
+        paths.conf.write_text(render_main_conf(paths))
+        cmd = [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(paths.conf)]
+        log = open(paths.logs / "supervisord.out", "ab")
+        env = {**os.environ, STATE_ENV: str(paths.root)}
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+        log.close()
+        sup = cls(paths, proc)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if sup._call_sync("supervisor.getState")["statecode"] == 1:
+                    return sup
+            except (OSError, xmlrpc.client.Fault, xmlrpc.client.ProtocolError):
+                pass
+            if proc.poll() is not None:
+                raise SupervisorError(f"supervisord exited with {proc.returncode}; see {paths.logs}/supervisord.out")
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise SupervisorError("supervisord did not open its socket in time")
+            time.sleep(0.05)
+
+    @classmethod
+    def attach(cls, paths: Paths) -> Supervisor:
+        """Use a supervisord that is already running (the deployment where it runs us)."""
+        sup = cls(paths)
+        try:
+            sup._call_sync("supervisor.getState")
+        except (OSError, xmlrpc.client.Fault) as e:
+            raise SupervisorError(f"cannot reach supervisord at {paths.socket}: {e}") from None
+        return sup
+
+    def alive(self) -> bool:
+        if self.process is not None:
+            return self.process.poll() is None
+        try:
+            self._call_sync("supervisor.getState")
+            return True
+        except (OSError, xmlrpc.client.Fault):
+            return False
+
+    # RPC
+
+    def _call_sync(self, method: str, *args: Any) -> Any:
+        fn = self._proxy
+        for part in method.split("."):
+            fn = getattr(fn, part)
+        try:
+            return fn(*args)
+        except (OSError, xmlrpc.client.ProtocolError):
+            # A broken connection poisons the transport: use a fresh one next time.
+            self._proxy = self._make_proxy()
+            raise
+
+    async def call(self, method: str, *args: Any) -> Any:
+        async with self._lock:
+            return await asyncio.to_thread(self._call_sync, method, *args)
+
+    async def processes(self) -> dict[str, dict[str, Any]]:
+        """name → supervisord's process info (state, pid, start, exitstatus, spawnerr…)."""
+        infos = await self.call("supervisor.getAllProcessInfo")
+        return {i["name"]: i for i in infos}
+
+    async def apply(self, programs: Sequence[Program]) -> tuple[list[str], list[str], list[str]]:
+        """Write program files and apply them like ``supervisorctl update``.
+
+        Returns (added, changed, removed). Changed and removed groups are stopped
+        first; nothing is started here (models start in order, see lifecycle).
+        """
+        write_programs(self.paths, programs)
+        [[added, changed, removed]] = await self.call("supervisor.reloadConfig")
+        for name in removed:
+            await self._stop_quietly(name)
+            await self.call("supervisor.removeProcessGroup", name)
+        for name in changed:
+            await self._stop_quietly(name)
+            await self.call("supervisor.removeProcessGroup", name)
+            await self.call("supervisor.addProcessGroup", name)
+        for name in added:
+            await self.call("supervisor.addProcessGroup", name)
+        return added, changed, removed
+
+    async def start(self, name: str) -> None:
+        try:
+            await self.call("supervisor.startProcess", name, False)
+        except xmlrpc.client.Fault as e:
+            if "ALREADY_STARTED" not in e.faultString:
+                raise
+
+    async def stop(self, name: str) -> None:
+        await self._stop_quietly(name)
+
+    async def _stop_quietly(self, name: str) -> None:
+        try:
+            await self.call("supervisor.stopProcess", name, True)
+        except xmlrpc.client.Fault as e:
+            if "NOT_RUNNING" not in e.faultString and "BAD_NAME" not in e.faultString:
+                raise
+
+    async def stop_all(self) -> None:
+        try:
+            await self.call("supervisor.stopAllProcesses", True)
+        except (OSError, xmlrpc.client.Fault):
+            pass
+
+    async def shutdown(self, timeout: float = 60.0) -> None:
+        """Stop every program (group-wide, SIGKILL after stopwaitsecs), then supervisord."""
+        await self.stop_all()
+        if self.process is None:
+            return
+        try:
+            await self.call("supervisor.shutdown")
+        except (OSError, xmlrpc.client.Fault, xmlrpc.client.ProtocolError):
+            pass
+        try:
+            await asyncio.to_thread(self.process.wait, timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            await asyncio.to_thread(self.process.wait)
+
+
+def tail_file(path: Path, lines: int = 50, max_bytes: int = 256 * 1024) -> list[str]:
+    """The last `lines` lines of a log file (vLLM's, for error messages)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except OSError:
+        return []
+    text = data.decode("utf-8", "replace").splitlines()
+    return text[-lines:]
+
+
+def find_stale(state_dir: Path, *, exclude: set[int] | None = None) -> list[psutil.Process]:
+    """Processes left by an earlier vllama of this state dir (found by their environment)."""
+    exclude = exclude or set()
+    me = os.getpid()
+    stale = []
+    for p in psutil.process_iter(["pid"]):
+        if p.pid == me or p.pid in exclude:
+            continue
+        try:
+            if p.environ().get(STATE_ENV) == str(state_dir):
+                stale.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return stale
+
+
+def kill_stale(state_dir: Path, timeout: float = 15.0) -> list[int]:
+    """Stop leftovers from an earlier run (TERM, then KILL): they may hold GPU memory."""
+    procs = find_stale(state_dir)
+    pidfile = Paths(state_dir).pidfile
+    try:
+        old = psutil.Process(int(pidfile.read_text().strip()))
+        if "supervisord" in " ".join(old.cmdline()) and str(state_dir) in " ".join(old.cmdline()):
+            procs.append(old)
+    except (OSError, ValueError, psutil.Error):
+        pass
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return [p.pid for p in procs]

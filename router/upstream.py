@@ -1,0 +1,168 @@
+"""HTTP to the vLLM servers: one pooled httpx client, SSE decoding, raw relay.
+
+This is the router's only network hop. It stays thin on purpose: bytes are
+read as they arrive and every server-sent event already received is decoded
+in one go, so a fast upstream costs one loop iteration per socket read rather
+than per token, and a slow one still gets each token out the moment it lands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import msgspec
+
+from .translate import upstream_error_message
+
+_decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
+
+
+class UpstreamError(Exception):
+    """vLLM answered with an error, or could not be reached / stopped mid-way."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float = 5.0
+    first_token: float = 600.0
+    between_tokens: float = 120.0
+
+
+def _transport_error(exc: Exception, url: str) -> UpstreamError:
+    if isinstance(exc, httpx.ConnectError):
+        return UpstreamError(502, f"cannot connect to the model server at {url}")
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
+        return UpstreamError(504, f"the model server at {url} timed out")
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
+        return UpstreamError(502, "the model server closed the connection (it may have crashed or restarted)")
+    return UpstreamError(502, f"model server error: {exc}")
+
+
+class Upstream:
+    """One connection pool shared by every model (keep-alive per vLLM server)."""
+
+    def __init__(self, timeouts: Timeouts | None = None) -> None:
+        self.timeouts = timeouts or Timeouts()
+        t = self.timeouts
+        self.client = httpx.AsyncClient(
+            timeout=httpx.Timeout(connect=t.connect, read=t.first_token, write=t.first_token, pool=None),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=512, keepalive_expiry=30),
+            trust_env=False,
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def post_json(self, base_url: str, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """A non-streamed call; raises UpstreamError with vLLM's own message on failure."""
+        url = base_url + path
+        try:
+            resp = await self.client.post(url, content=_encode(body), headers={"content-type": "application/json"})
+        except httpx.HTTPError as e:
+            raise _transport_error(e, base_url) from None
+        if resp.status_code >= 400:
+            raise UpstreamError(resp.status_code, upstream_error_message(resp.status_code, resp.content))
+        return _decode(resp.content)
+
+    async def get(self, base_url: str, path: str, timeout: float | None = None) -> httpx.Response:
+        return await self.client.get(base_url + path, timeout=timeout or self.timeouts.connect)
+
+    async def events(self, base_url: str, path: str, body: Mapping[str, Any]) -> AsyncIterator[list[dict[str, Any]]]:
+        """POST a streaming call and yield, per socket read, the SSE `data` objects it completed.
+
+        Ends at ``[DONE]``. An error before the stream starts raises UpstreamError
+        with vLLM's status; one after it raises UpstreamError(502/504) so the caller
+        can end its own stream with an error line. Leaving the loop early closes the
+        connection, which makes vLLM abort the request.
+        """
+        url = base_url + path
+        req = self.client.build_request("POST", url, content=_encode(body),
+                                        headers={"content-type": "application/json", "accept": "text/event-stream"})
+        try:
+            resp = await self.client.send(req, stream=True)
+        except httpx.HTTPError as e:
+            raise _transport_error(e, base_url) from None
+        try:
+            if resp.status_code >= 400:
+                content = await resp.aread()
+                raise UpstreamError(resp.status_code, upstream_error_message(resp.status_code, content))
+            buf = b""
+            raw = resp.aiter_raw()
+            first = True
+            while True:
+                try:
+                    if first:
+                        data = await anext(raw)
+                        first = False
+                    else:
+                        async with asyncio.timeout(self.timeouts.between_tokens):
+                            data = await anext(raw)
+                except StopAsyncIteration:
+                    break
+                buf += data
+                if b"\n\n" not in buf:
+                    continue
+                *events, buf = buf.split(b"\n\n")
+                batch = []
+                for ev in events:
+                    for line in ev.split(b"\n"):
+                        if not line.startswith(b"data:"):
+                            continue
+                        payload = line[5:].strip()
+                        if payload == b"[DONE]":
+                            if batch:
+                                yield batch
+                            return
+                        obj = _decode(payload)
+                        if isinstance(obj, dict) and "error" in obj and "choices" not in obj:
+                            err = obj["error"]
+                            msg = err.get("message") if isinstance(err, dict) else str(err)
+                            code = err.get("code", 500) if isinstance(err, dict) else 500
+                            if batch:
+                                yield batch
+                            raise UpstreamError(code if isinstance(code, int) else 500, msg or "model server error")
+                        batch.append(obj)
+                if batch:
+                    yield batch
+            raise UpstreamError(502, "the model server ended the stream early (it may have crashed or restarted)")
+        except (httpx.HTTPError, TimeoutError) as e:
+            raise _transport_error(e, base_url) from None
+        finally:
+            await resp.aclose()
+
+    async def relay(
+        self, base_url: str, path: str, body: bytes, headers: Mapping[str, str], method: str = "POST"
+    ) -> tuple[int, dict[str, str], AsyncIterator[bytes]]:
+        """Send a request as is and hand back status, headers and the body as it arrives.
+
+        Used by the OpenAI/Anthropic pass-through: bytes go through unchanged.
+        """
+        url = base_url + path
+        req = self.client.build_request(method, url, content=body, headers=headers)
+        try:
+            resp = await self.client.send(req, stream=True)
+        except httpx.HTTPError as e:
+            raise _transport_error(e, base_url) from None
+
+        async def body_iter() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in resp.aiter_raw():
+                    yield chunk
+            except httpx.HTTPError:
+                # Mid-stream failure: the client sees a cut SSE stream, as with vLLM itself.
+                return
+            finally:
+                await resp.aclose()
+
+        keep = {k: v for k, v in resp.headers.items() if k.lower() in ("content-type", "cache-control")}
+        return resp.status_code, keep, body_iter()

@@ -1,0 +1,279 @@
+"""Ollama's wire types as msgspec structs.
+
+Requests decode with unknown fields ignored (Ollama ignores them too); the
+types double as the OpenAPI schema Litestar publishes. Responses omit unset
+fields, as Ollama's ``omitempty`` does, but keep the ones its clients require
+(``response``, ``message.content``, ``done``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from msgspec import Struct
+
+Number = int | float
+Format = str | dict[str, Any] | None
+KeepAlive = str | int | float | None
+Think = bool | str | None
+
+
+class Options(Struct, omit_defaults=True):
+    """Ollama's `options`. Unknown keys are accepted and ignored, as Ollama does."""
+
+    num_predict: Number | None = None
+    temperature: Number | None = None
+    top_k: Number | None = None
+    top_p: Number | None = None
+    min_p: Number | None = None
+    typical_p: Number | None = None
+    seed: Number | None = None
+    stop: list[str] | None = None
+    repeat_penalty: Number | None = None
+    repeat_last_n: Number | None = None
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    num_ctx: Number | None = None
+    num_keep: Number | None = None
+    num_batch: Number | None = None
+    num_gpu: Number | None = None
+    main_gpu: Number | None = None
+    num_thread: Number | None = None
+    use_mmap: bool | None = None
+    mirostat: Number | None = None
+    mirostat_tau: Number | None = None
+    mirostat_eta: Number | None = None
+    penalize_newline: bool | None = None
+    low_vram: bool | None = None
+    numa: bool | None = None
+
+
+class ToolCallFunction(Struct, omit_defaults=True):
+    name: str
+    arguments: dict[str, Any] = msgspec.field(default_factory=dict)
+    index: int | None = None
+
+
+class ToolCall(Struct, omit_defaults=True):
+    function: ToolCallFunction
+    id: str | None = None
+
+
+class ToolFunction(Struct, omit_defaults=True):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(Struct, omit_defaults=True):
+    function: ToolFunction
+    type: str = "function"
+
+
+class Message(Struct, omit_defaults=True):
+    role: str
+    content: str = ""
+    thinking: str | None = None
+    images: list[str] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_name: str | None = None
+    tool_call_id: str | None = None
+
+
+class OutMessage(Struct, omit_defaults=True):
+    """A response message: `content` is always present (Ollama's clients expect it)."""
+
+    role: str
+    content: str
+    thinking: str | None = None
+    tool_calls: list[ToolCall] | None = None
+
+
+class GenerateRequest(Struct, omit_defaults=True):
+    model: str = ""
+    prompt: str = ""
+    suffix: str | None = None
+    system: str | None = None
+    template: str | None = None
+    context: list[int] | None = None
+    stream: bool | None = None
+    raw: bool = False
+    format: Format = None
+    images: list[str] | None = None
+    options: Options | None = None
+    keep_alive: KeepAlive = None
+    think: Think = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+class ChatRequest(Struct, omit_defaults=True):
+    model: str = ""
+    messages: list[Message] | None = None
+    tools: list[Tool] | None = None
+    stream: bool | None = None
+    format: Format = None
+    options: Options | None = None
+    keep_alive: KeepAlive = None
+    think: Think = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+class EmbedRequest(Struct, omit_defaults=True):
+    model: str = ""
+    input: str | list[str] | None = None
+    truncate: bool | None = None
+    dimensions: int | None = None
+    options: Options | None = None
+    keep_alive: KeepAlive = None
+
+
+class EmbeddingsRequest(Struct, omit_defaults=True):
+    model: str = ""
+    prompt: str = ""
+    options: Options | None = None
+    keep_alive: KeepAlive = None
+
+
+class ModelRequest(Struct, omit_defaults=True):
+    """Body of /api/show, /api/delete, /api/pull (``name`` is the legacy key)."""
+
+    model: str = ""
+    name: str = ""
+    verbose: bool | None = None
+    stream: bool | None = None
+    insecure: bool | None = None
+
+    @property
+    def target(self) -> str:
+        return self.model or self.name
+
+
+# --- responses ------------------------------------------------------------------
+
+
+class Logprob(Struct, omit_defaults=True):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[Logprob] | None = None
+
+
+class Metrics(Struct, omit_defaults=True):
+    """The counters and durations (ns) of a final chunk; zero values are omitted."""
+
+    total_duration: int = 0
+    load_duration: int = 0
+    prompt_eval_count: int = 0
+    prompt_eval_duration: int = 0
+    eval_count: int = 0
+    eval_duration: int = 0
+
+
+class GenerateChunk(Struct, omit_defaults=True):
+    model: str
+    created_at: str
+    response: str
+    done: bool
+    thinking: str | None = None
+    done_reason: str | None = None
+    logprobs: list[Logprob] | None = None
+    total_duration: int = 0
+    load_duration: int = 0
+    prompt_eval_count: int = 0
+    prompt_eval_duration: int = 0
+    eval_count: int = 0
+    eval_duration: int = 0
+
+
+class ChatChunk(Struct, omit_defaults=True):
+    model: str
+    created_at: str
+    message: OutMessage
+    done: bool
+    done_reason: str | None = None
+    logprobs: list[Logprob] | None = None
+    total_duration: int = 0
+    load_duration: int = 0
+    prompt_eval_count: int = 0
+    prompt_eval_duration: int = 0
+    eval_count: int = 0
+    eval_duration: int = 0
+
+
+class ErrorBody(Struct):
+    error: str
+
+
+class ModelDetails(Struct):
+    parent_model: str = ""
+    format: str = ""
+    family: str = ""
+    families: list[str] | None = None
+    parameter_size: str = ""
+    quantization_level: str = ""
+
+
+class ListedModel(Struct, omit_defaults=True):
+    name: str
+    model: str
+    modified_at: str
+    size: int
+    digest: str
+    details: ModelDetails
+
+
+class RunningModel(Struct):
+    name: str
+    model: str
+    size: int
+    digest: str
+    details: ModelDetails
+    expires_at: str
+    size_vram: int
+    context_length: int
+
+
+class TagsResponse(Struct):
+    models: list[ListedModel]
+
+
+class PsResponse(Struct):
+    models: list[RunningModel]
+
+
+class VersionResponse(Struct):
+    version: str
+
+
+class EmbedResponse(Struct, omit_defaults=True):
+    model: str
+    embeddings: list[list[float]]
+    total_duration: int = 0
+    load_duration: int = 0
+    prompt_eval_count: int = 0
+
+
+class EmbeddingsResponse(Struct):
+    embedding: list[float]
+
+
+class ShowResponse(Struct, omit_defaults=True):
+    details: ModelDetails
+    model_info: dict[str, Any]
+    capabilities: list[str]
+    template: str = ""
+    parameters: str = ""
+    license: str = ""
+    modelfile: str = ""
+    system: str = ""
+    modified_at: str = ""
+
+
+class StatusResponse(Struct, omit_defaults=True):
+    status: str
+    digest: str | None = None
+    total: int = 0
+    completed: int = 0
