@@ -8,6 +8,7 @@ status, never a traceback.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -70,7 +71,14 @@ def _on_crash(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     return _error(HTTP_500_INTERNAL_SERVER_ERROR, f"internal error: {type(exc).__name__}")
 
 
-def create_app(service: OllamaService, catalog: Catalog, *, max_body_bytes: int = 64 << 20) -> Litestar:
+def create_app(
+    service: OllamaService,
+    catalog: Catalog,
+    *,
+    extra_routes: Sequence[Any] = (),
+    max_body_bytes: int = 64 << 20,
+) -> Litestar:
+    """The Ollama API; `extra_routes` adds the admin and metrics routes (see serve)."""
     @get("/", media_type="text/plain", sync_to_thread=False)
     def root() -> str:
         return "Ollama is running"
@@ -100,7 +108,7 @@ def create_app(service: OllamaService, catalog: Catalog, *, max_body_bytes: int 
         return catalog.tags()
 
     return Litestar(
-        route_handlers=[root, root_head, version, version_head, generate, chat, tags],
+        route_handlers=[root, root_head, version, version_head, generate, chat, tags, *extra_routes],
         exception_handlers={
             ApiError: _on_api_error,
             ValidationException: _on_validation,

@@ -1,0 +1,30 @@
+"""One real two-model server for the whole e2e session (vLLM takes ~30 s to start)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .harness import Server, free_port, state_processes, write_config
+
+MODELS = ["tiny-a", "tiny-b"]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_model_b: Path) -> Iterator[Server]:
+    """`vllama serve` with two models (different weights), each on its own vLLM."""
+    root = tmp_path_factory.mktemp("e2e")
+    cfg = write_config(root / "models.yaml", [
+        {"name": "tiny-a", "aliases": ["alpha"], "source": str(tiny_model), "max_model_len": 1024},
+        {"name": "tiny-b", "source": str(tiny_model_b), "max_model_len": 1024},
+    ])
+    srv = Server(config_path=cfg, state_dir=root / "run", port=free_port())
+    srv.start()
+    try:
+        srv.wait_ready(MODELS)
+        yield srv
+    finally:
+        srv.stop()
+        assert state_processes(srv.state_dir) == [], "vLLM or supervisord processes outlived vllama serve"

@@ -1,0 +1,118 @@
+"""Run a real `vllama serve` (real supervisord, real vLLM on CPU) for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import yaml
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """A `vllama serve` child process and what tests need to reach and inspect it."""
+
+    config_path: Path
+    state_dir: Path
+    port: int
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.log_path = self.state_dir.parent / f"vllama-{self.port}.log"
+        log = open(self.log_path, "ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "router.cli", "serve", "--config", str(self.config_path),
+             "--state-dir", str(self.state_dir), "--port", str(self.port)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+        log.close()
+
+    def wait_listening(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllama serve exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"vllama serve did not listen in {timeout}s:\n{self.log()}")
+
+    def wait_ready(self, models: list[str], timeout: float = 300) -> None:
+        """Until every model answers a load request (empty prompt) — i.e. is ready."""
+        self.wait_listening()
+        for m in models:
+            r = httpx.post(self.url + "/api/generate", json={"model": m, "stream": False}, timeout=timeout)
+            if r.status_code != 200:
+                raise RuntimeError(f"{m} did not become ready: {r.status_code} {r.text}\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-5000:] if self.log_path and self.log_path.exists() else ""
+
+    def tree(self) -> list[psutil.Process]:
+        """Every live process of this server: vllama, supervisord, vLLM and its children."""
+        assert self.proc is not None
+        try:
+            root = psutil.Process(self.proc.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            procs = []
+        return [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 90) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def state_processes(state_dir: Path) -> list[psutil.Process]:
+    """Processes whose environment names this state dir (vLLM children, supervisord)."""
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("VLLAMA_STATE_DIR") == str(state_dir):
+                out.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            pass
+    return out
+
+
+def write_config(path: Path, models: list[dict[str, Any]], **sections: Any) -> Path:
+    data = {
+        "engine": {"device": "cpu", "args": ["--enforce-eager"], "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
+        "models": models,
+        **sections,
+    }
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
