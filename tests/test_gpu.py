@@ -1,0 +1,251 @@
+"""GPU inventory: CUDA_VISIBLE_DEVICES, NVML through a fake pynvml, CPU-mode fallback, process trees."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+
+import pynvml
+import pytest
+
+from router.gpu import (
+    GiB,
+    FakeInventory,
+    GpuUnavailable,
+    HostMemory,
+    Inventory,
+    NvmlInventory,
+    detect,
+    process_tree,
+    process_tree_rss,
+    process_tree_vram,
+    process_tree_vram_by_gpu,
+    visible_indices,
+)
+
+UUIDS = ["GPU-aaaa1111-0000", "GPU-bbbb2222-0000", "GPU-bbbb3333-0000", "GPU-cccc4444-0000"]
+
+
+# --- CUDA_VISIBLE_DEVICES ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, [0, 1, 2, 3]),
+        ("", []),
+        ("-1", []),
+        ("2", [2]),
+        ("3,1", [1, 3]),  # listed order does not matter: indices are PCI order
+        ("1, 2", [1, 2]),
+        ("0,7,1", [0]),  # CUDA stops at the first entry naming no device
+        ("1,1", [1]),
+        ("GPU-cccc4444-0000", [3]),
+        ("GPU-aaaa", [0]),  # unique prefix
+        ("cccc4444", [3]),  # "GPU-" may be left out
+        ("GPU-bbbb,0", []),  # ambiguous prefix stops the list like an invalid entry
+        ("0,MIG-1234", [0]),  # MIG not supported
+        ("GPU-cccc4444-0000,0", [0, 3]),
+    ],
+)
+def test_visible_indices(value: str | None, expected: list[int]) -> None:
+    assert visible_indices(value, UUIDS) == expected
+
+
+# --- a fake pynvml ---------------------------------------------------------------
+
+
+class _Mem:
+    def __init__(self, **kw: int) -> None:
+        self.__dict__.update(kw)
+
+
+class _Proc:
+    def __init__(self, pid: int, mem: int | None) -> None:
+        self.pid = pid
+        self.usedGpuMemory = mem
+
+
+def fake_nvml(
+    sizes_gib: list[float],
+    *,
+    init_error: int | None = None,
+    v2: bool = True,
+    compute: dict[int, list[tuple[int, float | None]]] | None = None,
+    graphics: dict[int, list[tuple[int, float | None]]] | None = None,
+    process_error: bool = False,
+) -> types.SimpleNamespace:
+    """A module with the slice of pynvml's API NvmlInventory uses; errors are pynvml's own classes."""
+    calls: list[str] = []
+
+    def init() -> None:
+        calls.append("init")
+        if init_error is not None:
+            raise pynvml.NVMLError(init_error)
+
+    def memory(h: int, version: int | None = None) -> _Mem:
+        total = int(sizes_gib[h] * GiB)
+        used = sum(int((g or 0) * GiB) for _, g in (compute or {}).get(h, []))
+        if version is not None:
+            if not v2:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+            reserved = GiB // 2
+            return _Mem(total=total, reserved=reserved, used=used, free=total - reserved - used)
+        return _Mem(total=total, used=used + GiB // 2, free=total - used - GiB // 2)
+
+    def procs(table: dict[int, list[tuple[int, float | None]]] | None):
+        def get(h: int) -> list[_Proc]:
+            if process_error:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+            return [_Proc(pid, None if g is None else int(g * GiB)) for pid, g in (table or {}).get(h, [])]
+
+        return get
+
+    return types.SimpleNamespace(
+        calls=calls,
+        NVMLError=pynvml.NVMLError,
+        nvmlMemory_v2=pynvml.nvmlMemory_v2,
+        nvmlInit=init,
+        nvmlShutdown=lambda: calls.append("shutdown"),
+        nvmlDeviceGetCount=lambda: len(sizes_gib),
+        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetUUID=lambda h: UUIDS[h],
+        nvmlDeviceGetName=lambda h: f"NVIDIA Fake {sizes_gib[h]:g}GB".encode(),  # old pynvml returns bytes
+        nvmlDeviceGetPciInfo=lambda h: types.SimpleNamespace(busId=f"00000000:{h + 1:02X}:00.0"),
+        nvmlDeviceGetMemoryInfo=memory,
+        nvmlDeviceGetComputeRunningProcesses=procs(compute),
+        nvmlDeviceGetGraphicsRunningProcesses=procs(graphics),
+    )
+
+
+def test_nvml_inventory_reads_memory_v2_and_processes() -> None:
+    nvml = fake_nvml(
+        [80, 24],
+        compute={0: [(100, 10.0), (200, None)], 1: [(300, 2.0)]},
+        graphics={0: [(100, 10.0), (400, 1.0)]},  # pid 100 in both lists: counted once
+    )
+    inv = NvmlInventory(nvml, environ={})
+    assert isinstance(inv, Inventory)
+    g0, g1 = inv.gpus()
+    assert (g0.index, g0.uuid, g0.name, g0.pci_bus_id) == (0, UUIDS[0], "NVIDIA Fake 80GB", "00000000:01:00.0")
+    assert g0.total == 80 * GiB and g0.reserved == GiB // 2 and g0.used == 10 * GiB
+    assert g0.free == g0.total - g0.reserved - g0.used
+    assert g1.used == 2 * GiB
+    procs = {(p.pid, p.gpu_index): p.used_bytes for p in inv.processes()}
+    assert procs == {(100, 0): 10 * GiB, (200, 0): None, (400, 0): GiB, (300, 1): 2 * GiB}
+    inv.close()
+    inv.close()
+    assert nvml.calls == ["init", "shutdown"]
+
+
+def test_nvml_memory_falls_back_to_v1() -> None:
+    inv = NvmlInventory(fake_nvml([16], v2=False), environ={})
+    (g,) = inv.gpus()
+    assert g.reserved == 0 and g.used == GiB // 2 and g.free == 16 * GiB - GiB // 2
+
+
+def test_nvml_process_listing_not_supported_is_empty_not_fatal() -> None:
+    inv = NvmlInventory(fake_nvml([16], process_error=True), environ={})
+    assert inv.processes() == []
+    assert len(inv.gpus()) == 1
+
+
+def test_nvml_respects_cuda_visible_devices() -> None:
+    nvml = fake_nvml([24, 48, 48, 80], compute={0: [(1, 1.0)], 3: [(2, 3.0)]})
+    inv = NvmlInventory(nvml, environ={"CUDA_VISIBLE_DEVICES": "GPU-cccc,1"})
+    assert [g.index for g in inv.gpus()] == [1, 3]  # NVML indices, as nvidia-smi shows them
+    assert [(p.pid, p.gpu_index) for p in inv.processes()] == [(2, 3)]
+
+
+# --- detection and CPU mode ----------------------------------------------------
+
+
+def test_detect_without_driver_is_cpu_mode_with_a_reason() -> None:
+    nvml = fake_nvml([80], init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+    inv = detect("auto", nvml=nvml)
+    assert isinstance(inv, HostMemory)
+    assert "CPU mode" in inv.reason and "NVML Shared Library Not Found" in inv.reason
+    assert inv.total > 0 and 0 <= inv.available <= inv.total
+
+
+def test_detect_gpu_without_driver_raises_clearly() -> None:
+    nvml = fake_nvml([80], init_error=pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+    with pytest.raises(GpuUnavailable, match="engine.device is gpu but no NVIDIA driver.*Driver Not Loaded"):
+        detect("gpu", nvml=nvml)
+
+
+def test_detect_cpu_never_touches_nvml() -> None:
+    nvml = fake_nvml([80])
+    inv = detect("cpu", nvml=nvml)
+    assert isinstance(inv, HostMemory) and nvml.calls == []
+
+
+def test_detect_auto_with_gpus_is_gpu_mode() -> None:
+    inv = detect("auto", nvml=fake_nvml([80, 80]), environ={})
+    assert isinstance(inv, NvmlInventory) and len(inv.gpus()) == 2
+    inv.close()
+
+
+def test_detect_all_gpus_hidden_is_cpu_mode() -> None:
+    nvml = fake_nvml([80, 80])
+    inv = detect("auto", nvml=nvml, environ={"CUDA_VISIBLE_DEVICES": ""})
+    assert isinstance(inv, HostMemory) and "hides all 2 GPUs" in inv.reason
+    assert nvml.calls == ["init", "shutdown"]
+    with pytest.raises(GpuUnavailable):
+        detect("gpu", nvml=fake_nvml([80]), environ={"CUDA_VISIBLE_DEVICES": "-1"})
+
+
+def test_detect_rejects_unknown_device() -> None:
+    with pytest.raises(ValueError):
+        detect("tpu")
+
+
+def test_detect_on_this_machine_does_not_crash() -> None:
+    """Real pynvml: a GPU box gives NVML, this CPU-only one gives CPU mode with a reason."""
+    inv = detect("auto")
+    if isinstance(inv, HostMemory):
+        assert inv.reason.startswith("CPU mode:")
+    else:
+        assert inv.gpus()
+        inv.close()
+
+
+def test_host_memory_read_and_fake_rss() -> None:
+    live = HostMemory.read("why")
+    assert live.total > 0 and 0 < live.available <= live.total and live.reason == "why"
+    assert live.used_by([os.getpid()]) > 0
+    fake = HostMemory(24 * GiB, 20 * GiB, process_rss={1: GiB, 2: 2 * GiB})
+    assert fake.used_by([1, 2, 3]) == 3 * GiB
+
+
+# --- fake inventory and measuring ------------------------------------------------
+
+
+def test_fake_inventory_accounts_processes_and_unattributed_memory() -> None:
+    inv = FakeInventory([80, 24], processes=[(10, 0, 30.0), (11, 1, None)], reserved_gib=0.5, unattributed_gib={1: 2})
+    g0, g1 = inv.gpus()
+    assert g0.used == 30 * GiB and g0.free == int(49.5 * GiB)
+    assert g1.used == 2 * GiB
+    inv.add_process(12, 1, 4)
+    assert inv.gpus()[1].used == 6 * GiB
+    inv.remove_process(12)
+    assert inv.gpus()[1].used == 2 * GiB
+    with pytest.raises(ValueError):
+        inv.add_process(1, 5, 1)
+
+
+def test_process_tree_vram_counts_children() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        me = os.getpid()
+        assert {me, child.pid} <= process_tree([me])
+        inv = FakeInventory([80, 80], processes=[(me, 0, 1.0), (child.pid, 0, 2.0), (child.pid, 1, 3.0), (1, 0, 9.0)])
+        assert process_tree_vram_by_gpu([me], inv) == {0: 3 * GiB, 1: 3 * GiB}
+        assert process_tree_vram([me], inv) == 6 * GiB
+        assert process_tree_vram([2**22 + 12345], inv) is None  # no such process
+        assert process_tree_rss([me]) >= process_tree_rss([me], children=False) > 0
+    finally:
+        child.kill()
+        child.wait()
