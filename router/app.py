@@ -2,24 +2,34 @@
 
 Handlers decode the body into a wire type, call one service method and wrap
 what it returns; every error leaves as Ollama's ``{"error": "..."}`` with its
-status, never a traceback.
+status, never a traceback. A client that goes away cancels its request: while
+the service works (waiting for the model, a non-streamed generation) a watcher
+on the connection cancels the handler; once streaming, Litestar stops the
+stream and the stream's close aborts the upstream request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Sequence
+from typing import Any, TypeVar
 
-import msgspec
 from litestar import Litestar, Request, Response, get, head, post
-from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.background_tasks import BackgroundTask
+from litestar.exceptions import (
+    HTTPException,
+    MethodNotAllowedException,
+    NotFoundException,
+    ValidationException,
+)
 from litestar.openapi import OpenAPIConfig
 from litestar.response import Stream
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from . import __version__, wire
 from .catalog import Catalog
+from .passthrough import passthrough_router
 from .service import ApiError, OllamaService, Reply
 
 log = logging.getLogger("vllama.app")
@@ -28,17 +38,65 @@ NDJSON = "application/x-ndjson"
 OLLAMA_VERSION = "0.12.0"
 """The Ollama API version we speak: clients gate features on it."""
 
+T = TypeVar("T")
+
+_NOT_HERE = {
+    "copy": "vLLama does not copy models: every model is an entry of models.yaml; "
+            "to serve one under another name, add it to that entry's aliases",
+    "create": "vLLama does not create models: models are defined in models.yaml "
+              "(a Hugging Face repo or a local directory, served by vLLM); add an entry there",
+    "push": "vLLama does not push models: it serves models from Hugging Face or local directories "
+            "listed in models.yaml, and has no registry to push to",
+    "blobs": "vLLama does not take model blobs: models are defined in models.yaml, not created from uploads",
+}
+
 
 def _error(status: int, message: str, retry_after: int | None = None) -> Response[Any]:
     headers = {"Retry-After": str(retry_after)} if retry_after else None
     return Response(content={"error": message}, status_code=status, headers=headers, media_type="application/json")
 
 
+async def _close(stream: Any) -> None:
+    await stream.aclose()
+
+
 def _reply(reply: Reply, stream: bool) -> Response[Any] | Stream:
     if reply.stream is not None:
-        return Stream(reply.stream, media_type=NDJSON, status_code=reply.status)
+        # The background task runs once the response is over, also when the client
+        # left mid-stream: it closes the relay, which closes the upstream request.
+        return Stream(reply.stream, media_type=NDJSON, status_code=reply.status,
+                      background=BackgroundTask(_close, reply.stream))
     return Response(content=reply.body, status_code=reply.status,
                     media_type=NDJSON if stream else "application/json")
+
+
+async def until_gone(request: Request[Any, Any, Any], work: Awaitable[T]) -> T:
+    """Await `work`; if the client disconnects first, cancel it (so vLLM stops too) and
+    answer 499 ``request canceled``, as Ollama does (nobody reads it)."""
+    task = asyncio.current_task()
+    receive = request.receive
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone = True
+                if task is not None:
+                    task.cancel()
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if gone and task is not None:
+            task.uncancel()
+            raise ApiError(499, "request canceled") from None
+        raise
+    finally:
+        watcher.cancel()
 
 
 def _on_api_error(_: Request[Any, Any, Any], exc: ApiError) -> Response[Any]:
@@ -53,17 +111,24 @@ def _on_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Respo
         if isinstance(e, dict):
             key = e.get("key")
             msg = str(e.get("message", ""))
+            if key == "data" and msg == "'data'":
+                return _error(400, "missing request body")
+            if key == "data":
+                key = None  # the body as a whole
             parts.append(f"{key}: {msg}" if key else msg)
     detail = "; ".join(parts) or str(exc.detail)
-    if "missing" in detail.lower() and "body" in detail.lower():
-        detail = "missing request body"
     return _error(400, detail)
 
 
 def _on_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     if isinstance(exc, NotFoundException):
         return _error(404, "404 page not found")
-    return _error(exc.status_code, str(exc.detail))
+    if isinstance(exc, MethodNotAllowedException):
+        return _error(405, "405 method not allowed")
+    detail = str(exc.detail)
+    if exc.status_code == 400 and (detail.startswith("JSON is malformed") or detail == "Input data was truncated"):
+        detail = f"invalid JSON: {detail[0].lower()}{detail[1:]}"
+    return _error(exc.status_code, detail)
 
 
 def _on_crash(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
@@ -78,7 +143,10 @@ def create_app(
     extra_routes: Sequence[Any] = (),
     max_body_bytes: int = 64 << 20,
 ) -> Litestar:
-    """The Ollama API; `extra_routes` adds the admin and metrics routes (see serve)."""
+    """The Ollama API and the OpenAI/Anthropic pass-through; `extra_routes` adds the
+    admin and metrics routes (see serve)."""
+    catalog.attach(service.fleet)
+
     @get("/", media_type="text/plain", sync_to_thread=False)
     def root() -> str:
         return "Ollama is running"
@@ -96,19 +164,62 @@ def create_app(
         return None
 
     @post("/api/generate", status_code=200)
-    async def generate(data: wire.GenerateRequest) -> Response[Any] | Stream:
-        return _reply(await service.generate(data), data.stream is not False)
+    async def generate(request: Request[Any, Any, Any], data: wire.GenerateRequest) -> Response[Any] | Stream:
+        return _reply(await until_gone(request, service.generate(data)), data.stream is not False)
 
     @post("/api/chat", status_code=200)
-    async def chat(data: wire.ChatRequest) -> Response[Any] | Stream:
-        return _reply(await service.chat(data), data.stream is not False)
+    async def chat(request: Request[Any, Any, Any], data: wire.ChatRequest) -> Response[Any] | Stream:
+        return _reply(await until_gone(request, service.chat(data)), data.stream is not False)
 
-    @get("/api/tags", sync_to_thread=False)
+    @post("/api/embed", status_code=200)
+    async def embed(request: Request[Any, Any, Any], data: wire.EmbedRequest) -> Response[Any] | Stream:
+        return _reply(await until_gone(request, service.embed(data)), False)
+
+    @post("/api/embeddings", status_code=200)
+    async def embeddings(request: Request[Any, Any, Any], data: wire.EmbeddingsRequest) -> Response[Any] | Stream:
+        return _reply(await until_gone(request, service.embeddings(data)), False)
+
+    @get("/api/tags", sync_to_thread=True)
     def tags() -> wire.TagsResponse:
         return catalog.tags()
 
+    @head("/api/tags", sync_to_thread=False)
+    def tags_head() -> None:
+        return None
+
+    @post("/api/show", status_code=200, sync_to_thread=True)
+    def show(data: wire.ModelRequest) -> wire.ShowResponse:
+        if not data.target:
+            raise ApiError(400, "model is required")
+        out = catalog.show(data.target, bool(data.verbose))
+        if out is None:
+            raise ApiError(404, f'model "{data.target}" not found, try pulling it first')
+        return out
+
+    @get("/api/ps", sync_to_thread=True)
+    def ps() -> wire.PsResponse:
+        return catalog.ps()
+
+    def not_here(what: str) -> Any:
+        def handler() -> Response[Any]:
+            return _error(501, _NOT_HERE[what])
+
+        return handler
+
+    def blobs_head() -> None:
+        raise ApiError(501, _NOT_HERE["blobs"])
+
+    refusals = [
+        post(f"/api/{what}", status_code=501, sync_to_thread=False, name=f"refuse-{what}")(not_here(what))
+        for what in ("copy", "create", "push")
+    ] + [
+        post("/api/blobs/{digest:str}", sync_to_thread=False, name="refuse-blobs-post")(not_here("blobs")),
+        head("/api/blobs/{digest:str}", sync_to_thread=False, name="refuse-blobs-head")(blobs_head),
+    ]
+
     return Litestar(
-        route_handlers=[root, root_head, version, version_head, generate, chat, tags, *extra_routes],
+        route_handlers=[root, root_head, version, version_head, generate, chat, embed, embeddings, tags, tags_head,
+                        show, ps, *refusals, passthrough_router(service.fleet, service.upstream), *extra_routes],
         exception_handlers={
             ApiError: _on_api_error,
             ValidationException: _on_validation,

@@ -17,9 +17,10 @@ from typing import Any
 import msgspec
 
 from . import translate, wire
-from .config import parse_duration
+from .catalog import context_length
+from .config import Model, parse_duration
 from .lifecycle import Fleet, Lease, ModelNotFound, ModelUnavailable, State
-from .translate import Target, TranslationError
+from .translate import StreamAborted, Target, TranslationError
 from .upstream import Upstream, UpstreamError
 
 log = logging.getLogger("vllama.service")
@@ -63,11 +64,17 @@ def _error_line(message: str) -> bytes:
     return _encode({"error": message}) + b"\n"
 
 
+def _upstream_status(e: UpstreamError) -> int:
+    """vLLM's 4xx are the client's to fix and keep their status; anything else is a bad gateway."""
+    return e.status if 400 <= e.status < 500 else 502
+
+
 class OllamaService:
     def __init__(self, fleet: Fleet, upstream: Upstream, clock: Callable[[], int] = time.monotonic_ns) -> None:
         self.fleet = fleet
         self.upstream = upstream
         self.clock = clock
+        self._ctx: dict[tuple[str, str, int | None], int | None] = {}
 
     # --- helpers -----------------------------------------------------------------
 
@@ -82,9 +89,34 @@ class OllamaService:
         except ModelUnavailable as e:
             raise ApiError(503, e.message, e.retry_after) from None
 
-    def _target(self, lease: Lease) -> Target:
-        m = lease.runtime.model
-        return Target(name=m.served_name, max_model_len=m.max_model_len, thinking=m.reasoning_parser is not None)
+    def _context_length(self, m: Model) -> int | None:
+        """The context the model is served with: max_model_len, else what vLLM reads from config.json."""
+        if m.max_model_len:
+            return m.max_model_len
+        key = (m.name, m.source, m.max_model_len)
+        if key not in self._ctx:
+            self._ctx[key] = context_length(self.fleet.config, m)
+        return self._ctx[key]
+
+    def target(self, model: Model, label: str = "") -> Target:
+        return Target(name=model.served_name, max_model_len=self._context_length(model),
+                      thinking=model.reasoning_parser is not None, tools=model.tool_call_parser is not None,
+                      embedding=model.embedding, label=label or model.name)
+
+    def _translate(self, lease: Lease, make: Callable[[], Any]) -> Any:
+        try:
+            return make()
+        except TranslationError as e:
+            lease.release()
+            raise ApiError(e.status, str(e)) from None
+
+    def _unreachable(self, lease: Lease, e: UpstreamError) -> None:
+        """A connection refused: have the fleet look at the model now, not at its next tick."""
+        suspect = getattr(self.fleet, "suspect", None)
+        if getattr(e, "unreachable", False) and suspect is not None:
+            spawn = getattr(self.fleet, "_spawn", None)
+            if spawn is not None:
+                spawn(suspect(lease.runtime))
 
     async def _load_only(self, name: str, keep_alive: wire.KeepAlive, make: Callable[[str], Any]) -> Reply:
         """Empty prompt / no messages: Ollama loads (or, with keep_alive 0, unloads) the model."""
@@ -106,19 +138,32 @@ class OllamaService:
     # --- generate and chat ----------------------------------------------------------
 
     async def generate(self, req: wire.GenerateRequest) -> Reply:
-        if not req.prompt and not req.images and not req.raw:
+        if not req.prompt:
             now = translate.rfc3339()
             return await self._load_only(req.model, req.keep_alive, lambda reason: wire.GenerateChunk(
                 model=req.model, created_at=now, response="", done=True, done_reason=reason))
         start = self.clock()
         lease = await self._lease(req.model, req.keep_alive)
-        try:
-            call = translate.generate_request(req, self._target(lease))
-        except TranslationError as e:
-            lease.release()
-            raise ApiError(e.status, str(e)) from None
-        state = translate.GenerateStream(req.model, translate.Timing(start=start))
+        target = self.target(lease.runtime.model, req.model)
+        prompt_ids = None
+        if req.context and not req.raw:
+            prompt_ids = await self._continuation(lease, req, target)
+        call = self._translate(lease, lambda: translate.generate_request(req, target, prompt_ids))
+        state = translate.GenerateStream(req.model, translate.Timing(start=start), want_context=not req.raw)
         return await self._run(lease, call, state)
+
+    async def _continuation(self, lease: Lease, req: wire.GenerateRequest, target: Target) -> list[int]:
+        """``context`` + the new turn, templated by vLLM, as one token-id prompt."""
+        tok = self._translate(lease, lambda: translate.tokenize_request(req, target))
+        try:
+            body = await self.upstream.post_json(lease.runtime.base_url, tok.path, tok.body)
+        except UpstreamError as e:
+            lease.release()
+            raise ApiError(_upstream_status(e), e.message) from None
+        except BaseException:
+            lease.release()
+            raise
+        return translate.context_prompt(req.context or [], body.get("tokens") or [])
 
     async def chat(self, req: wire.ChatRequest) -> Reply:
         if not req.messages:
@@ -128,11 +173,8 @@ class OllamaService:
                 done=True, done_reason=reason))
         start = self.clock()
         lease = await self._lease(req.model, req.keep_alive)
-        try:
-            call = translate.chat_request(req, self._target(lease))
-        except TranslationError as e:
-            lease.release()
-            raise ApiError(e.status, str(e)) from None
+        target = self.target(lease.runtime.model, req.model)
+        call = self._translate(lease, lambda: translate.chat_request(req, target))
         state = translate.ChatStream(req.model, translate.Timing(start=start))
         return await self._run(lease, call, state)
 
@@ -143,13 +185,17 @@ class OllamaService:
             try:
                 body = await self.upstream.post_json(base, call.path, call.body)
             except UpstreamError as e:
-                raise ApiError(e.status if e.status < 500 else 502, e.message) from None
+                self._unreachable(lease, e)
+                raise ApiError(_upstream_status(e), e.message) from None
             finally:
                 lease.release()
             now = self.clock()
             state.timing.first_token = state.timing.first_token or state.timing.upstream
             state.timing.last_token = now
-            return Reply(body=_encode(state.whole(body, now)))
+            try:
+                return Reply(body=_encode(state.whole(body, now)))
+            except StreamAborted as e:
+                raise ApiError(502, str(e)) from None
         events = self.upstream.events(base, call.path, call.body)
         # Pull the first batch now so an upstream error before any output keeps its
         # status code instead of arriving as a 200 stream with an error line.
@@ -159,24 +205,35 @@ class OllamaService:
             first = []
         except UpstreamError as e:
             lease.release()
-            raise ApiError(e.status if e.status < 500 else 502, e.message) from None
+            self._unreachable(lease, e)
+            raise ApiError(_upstream_status(e), e.message) from None
         except BaseException:
             lease.release()
+            await events.aclose()
             raise
         return Reply(stream=self._relay(lease, events, first, state))
 
     async def _relay(self, lease: Lease, events: AsyncIterator[list[dict[str, Any]]],
                      first: list[dict[str, Any]], state: Any) -> AsyncIterator[bytes]:
+        """vLLM's chunks → NDJSON lines; the lines of one socket read go out as one write.
+
+        Ends with the final chunk, or with an ``{"error"}`` line if vLLM fails mid-way.
+        Closing this iterator early (the client left) closes the upstream connection,
+        which makes vLLM abort the generation.
+        """
         clock = self.clock
+        rfc3339 = translate.rfc3339
+        chunk = state.chunk
         try:
             batch: list[dict[str, Any]] | None = first
             while batch is not None:
                 now = clock()
+                state.stamp = rfc3339()
                 out = b""
                 for data in batch:
-                    chunk = state.chunk(data, now)
-                    if chunk is not None:
-                        out += _line(chunk)
+                    c = chunk(data, now)
+                    if c is not None:
+                        out += _encode(c) + b"\n"
                 if out:
                     yield out
                 try:
@@ -187,6 +244,45 @@ class OllamaService:
         except UpstreamError as e:
             log.warning("%s: stream ended by upstream error: %s", lease.runtime.name, e.message)
             yield _error_line(e.message)
+        except StreamAborted as e:
+            log.warning("%s: %s", lease.runtime.name, e)
+            yield _error_line(str(e))
         finally:
             lease.release()
             await events.aclose()
+
+    # --- embeddings -------------------------------------------------------------------
+
+    async def _embedding_call(self, lease: Lease, call: translate.UpstreamCall) -> dict[str, Any]:
+        try:
+            return await self.upstream.post_json(lease.runtime.base_url, call.path, call.body)
+        except UpstreamError as e:
+            self._unreachable(lease, e)
+            raise ApiError(_upstream_status(e), e.message) from None
+
+    async def embed(self, req: wire.EmbedRequest) -> Reply:
+        start = self.clock()
+        lease = await self._lease(req.model, req.keep_alive)
+        try:
+            target = self.target(lease.runtime.model, req.model)
+            call = self._translate(lease, lambda: translate.embed_request(req, target))
+            if not call.body["input"]:
+                return Reply(body=_encode(wire.EmbedResponse(model=req.model, embeddings=[])))
+            upstream_at = self.clock()
+            body = await self._embedding_call(lease, call)
+        finally:
+            lease.release()
+        metrics = {"total_duration": self.clock() - start, "load_duration": upstream_at - start}
+        return Reply(body=_encode(translate.embed_response(body, req.model, req.dimensions, metrics)))
+
+    async def embeddings(self, req: wire.EmbeddingsRequest) -> Reply:
+        lease = await self._lease(req.model, req.keep_alive)
+        try:
+            target = self.target(lease.runtime.model, req.model)
+            call = self._translate(lease, lambda: translate.embeddings_request(req, target))
+            if not req.prompt:
+                return Reply(body=_encode(wire.EmbeddingsResponse(embedding=[])))
+            body = await self._embedding_call(lease, call)
+        finally:
+            lease.release()
+        return Reply(body=_encode(translate.embeddings_response(body)))

@@ -1,10 +1,34 @@
 """Ollama ⇄ OpenAI translation: pure functions and small state machines, no I/O.
 
 Requests: an Ollama request becomes the body of one vLLM OpenAI call
-(`generate_request`, `chat_request`). Responses: `GenerateStream` and
-`ChatStream` turn vLLM's chunks (or one non-streamed body) into Ollama's
-chunks. Token counts always come from vLLM's ``usage``; durations are what the
-router measured, passed in by the caller, so this module never reads a clock.
+(`generate_request`, `chat_request`, `embed_request`…). Responses:
+`GenerateStream` and `ChatStream` turn vLLM's chunks (or one non-streamed body)
+into Ollama's chunks; `embed_response` and `embeddings_response` do the same
+for embeddings. Token counts always come from vLLM's ``usage``; durations are
+what the router measured, passed in by the caller, so this module never reads
+a monotonic clock (only the wall clock, for ``created_at``).
+
+Decisions worth knowing (each one is tested in tests/test_translate.py):
+
+* Sampling defaults: vLLama does not impose Ollama's defaults (temperature 0.8,
+  top_k 40, top_p 0.9); an option the client leaves out gets the model's own
+  generation_config.json, as vLLM serves it.
+* ``num_predict``: n > 0 → ``max_tokens``; -1, -2 and 0 → no ``max_tokens``
+  (vLLM then fills the context, which is what -2 asks for; Ollama's runner also
+  treats 0 as no limit).
+* Options vLLM has no equivalent for (num_gpu, num_thread, mirostat*, typical_p,
+  tfs_z, num_keep, repeat_last_n…) are accepted and ignored, as Ollama ignores
+  unknown ones. ``num_ctx`` above what the model is served with is a 400.
+* ``format``: "json" → ``response_format: json_object``; a schema →
+  ``json_schema`` (vLLM's structured output enforces it).
+* ``think``: only for models served with a reasoning parser; true/levels turn the
+  template's thinking switch on (``enable_thinking``/``thinking``; levels also
+  set ``reasoning_effort``), false turns it off and drops any reasoning text.
+* Tool calls keep vLLM's ids. A tool result without ``tool_call_id`` (the
+  Ollama clients send only ``tool_name``) answers the earliest unanswered call
+  of that name, or else the earliest unanswered call. Calls that arrive without
+  an id get ``call_<n>`` numbered by position, so a conversation renders the same
+  on every turn (prefix caching stays warm).
 """
 
 from __future__ import annotations
@@ -12,8 +36,9 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,13 +47,19 @@ import msgspec
 from . import wire
 
 # vLLM's finish reasons → Ollama's done_reason. A finished tool call is a stop for Ollama.
-_DONE_REASON = {"stop": "stop", "length": "length", "tool_calls": "stop", "abort": "stop"}
+_DONE_REASON = {"stop": "stop", "length": "length", "tool_calls": "stop", "function_call": "stop"}
 
 #: Options with no vLLM equivalent (hardware, llama.cpp internals); accepted and ignored.
 IGNORED_OPTIONS = frozenset(
-    {"num_gpu", "main_gpu", "num_thread", "num_batch", "num_keep", "use_mmap", "numa", "low_vram",
-     "mirostat", "mirostat_tau", "mirostat_eta", "penalize_newline", "repeat_last_n"}
+    {"num_gpu", "main_gpu", "num_thread", "num_batch", "num_keep", "use_mmap", "use_mlock", "numa", "low_vram",
+     "f16_kv", "logits_all", "vocab_only", "embedding_only", "mirostat", "mirostat_tau", "mirostat_eta",
+     "penalize_newline", "repeat_last_n", "typical_p", "tfs_z"}
 )
+
+THINK_LEVELS = ("low", "medium", "high", "max")
+
+_json_encode = msgspec.json.Encoder().encode
+_json_decode = msgspec.json.Decoder().decode
 
 
 class TranslationError(Exception):
@@ -37,13 +68,30 @@ class TranslationError(Exception):
     status = 400
 
 
+class StreamAborted(Exception):
+    """vLLM ended a generation without finishing it (``finish_reason: abort``)."""
+
+
 @dataclass(frozen=True)
 class Target:
     """What the translation needs to know about the model a request goes to."""
 
     name: str
+    """The name vLLM serves the model under (aliases already resolved)."""
     max_model_len: int | None = None
+    """The context length the model is served with, when known."""
     thinking: bool = False
+    """Served with a reasoning parser."""
+    tools: bool = False
+    """Served with a tool-call parser."""
+    embedding: bool = False
+    """Served with ``--runner pooling``: embeddings only."""
+    label: str = ""
+    """The model as the client named it, for error messages."""
+
+    @property
+    def shown(self) -> str:
+        return self.label or self.name
 
 
 @dataclass(frozen=True)
@@ -56,15 +104,23 @@ class UpstreamCall:
 
 # --- time -----------------------------------------------------------------------
 
+_stamp_cache: list[Any] = [-1, ""]
+
 
 def rfc3339(ns: int | None = None) -> str:
-    """UTC time in RFC 3339 with nanoseconds, trailing zeros trimmed, as Ollama writes it."""
+    """UTC time in RFC 3339 with nanoseconds, trailing zeros trimmed, as Ollama writes it.
+
+    The seconds part is formatted once per second: this runs for every chunk.
+    """
     ns = time.time_ns() if ns is None else ns
     secs, frac = divmod(ns, 1_000_000_000)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+    cache = _stamp_cache
+    if cache[0] != secs:
+        cache[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+        cache[0] = secs
     if frac:
-        stamp += "." + f"{frac:09d}".rstrip("0")
-    return stamp + "Z"
+        return f"{cache[1]}.{frac:09d}".rstrip("0") + "Z"
+    return cache[1] + "Z"
 
 
 # --- requests -------------------------------------------------------------------
@@ -76,60 +132,56 @@ def _int_option(name: str, value: float) -> int:
     return int(value)
 
 
-def sampling(options: wire.Options | None, target: Target) -> dict[str, Any]:
-    """Ollama `options` → vLLM sampling parameters.
+def _range(name: str, value: float, lo: float, hi: float | None = None) -> float:
+    if not math.isfinite(value) or value < lo or (hi is not None and value > hi):
+        bound = f"between {lo:g} and {hi:g}" if hi is not None else f"at least {lo:g}"
+        raise TranslationError(f'option "{name}" must be {bound}, got {value:g}')
+    return float(value)
 
-    vLLama does not impose Ollama's defaults (temperature 0.8, top_k 40…): a model
-    without an option gets its own generation_config.json, as vLLM serves it.
-    """
+
+def sampling(options: wire.Options | None, target: Target) -> dict[str, Any]:
+    """Ollama `options` → vLLM sampling parameters (see the module docstring for the rules)."""
     out: dict[str, Any] = {}
     if options is None:
         return out
     o = options
     if o.num_predict is not None:
         n = _int_option("num_predict", o.num_predict)
-        if n >= 0:
+        if n > 0:
+            if target.max_model_len is not None and n > target.max_model_len:
+                # vLLM refuses max_tokens above max_model_len; Ollama stops at the context's end.
+                n = target.max_model_len
             out["max_tokens"] = n
-        elif n not in (-1, -2):
-            raise TranslationError(f"num_predict must be -1 (no limit), -2 (fill the context) or ≥ 0, got {n}")
     if o.temperature is not None:
-        if not 0 <= o.temperature <= 100:
-            raise TranslationError(f"temperature must be between 0 and 100, got {o.temperature}")
-        out["temperature"] = float(o.temperature)
+        out["temperature"] = _range("temperature", o.temperature, 0)
     if o.top_p is not None:
-        if not 0 <= o.top_p <= 1:
-            raise TranslationError(f"top_p must be between 0 and 1, got {o.top_p}")
-        out["top_p"] = float(o.top_p) or 1.0
+        out["top_p"] = _range("top_p", o.top_p, 0, 1) or 1.0
     if o.top_k is not None:
         k = _int_option("top_k", o.top_k)
-        out["top_k"] = k if k > 0 else -1
+        out["top_k"] = k if k > 0 else 0  # vLLM: 0 = all tokens
     if o.min_p is not None:
-        if not 0 <= o.min_p <= 1:
-            raise TranslationError(f"min_p must be between 0 and 1, got {o.min_p}")
-        out["min_p"] = float(o.min_p)
-    if o.typical_p is not None and not 0 < o.typical_p <= 1:
-        raise TranslationError(f"typical_p must be in (0, 1], got {o.typical_p}")
+        out["min_p"] = _range("min_p", o.min_p, 0, 1)
     if o.seed is not None:
         seed = _int_option("seed", o.seed)
-        if seed >= 0:
+        if seed >= 0:  # Ollama: -1 = random
             out["seed"] = seed
     if o.stop:
         out["stop"] = list(o.stop)
     if o.repeat_penalty is not None:
-        if not 0 < o.repeat_penalty <= 10:
-            raise TranslationError(f"repeat_penalty must be in (0, 10], got {o.repeat_penalty}")
-        out["repetition_penalty"] = float(o.repeat_penalty)
+        rp = float(o.repeat_penalty)
+        if rp > 0:  # 0 is llama.cpp's "off" as much as 1.0 is
+            out["repetition_penalty"] = _range("repeat_penalty", rp, 0)
+        elif rp < 0 or not math.isfinite(rp):
+            raise TranslationError(f'option "repeat_penalty" must be positive, got {rp:g}')
     for key in ("presence_penalty", "frequency_penalty"):
         v = getattr(o, key)
         if v is not None:
-            if not -2 <= v <= 2:
-                raise TranslationError(f"{key} must be between -2 and 2, got {v}")
-            out[key] = float(v)
+            out[key] = _range(key, v, -2, 2)
     if o.num_ctx is not None:
         ctx = _int_option("num_ctx", o.num_ctx)
         if target.max_model_len is not None and ctx > target.max_model_len:
             raise TranslationError(
-                f"num_ctx {ctx} exceeds the context length this model is served with "
+                f"num_ctx {ctx} exceeds the context length {target.shown} is served with "
                 f"({target.max_model_len}); raise max_model_len in models.yaml"
             )
     return out
@@ -143,18 +195,18 @@ def response_format(fmt: wire.Format) -> dict[str, Any] | None:
         return {"type": "json_object"}
     if isinstance(fmt, dict):
         return {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt, "strict": True}}
-    raise TranslationError(f'invalid format: {fmt!r}: use "json" or a JSON schema object')
+    raise TranslationError(f'invalid format: {fmt!r}: expected "json" or a JSON schema object')
 
 
-def check_images(images: list[str] | None) -> None:
-    for i, img in enumerate(images or ()):
+def check_images(images: Sequence[str] | None) -> None:
+    for img in images or ():
         try:
             base64.b64decode(img, validate=True)
-        except (binascii.Error, ValueError):
-            raise TranslationError(f"images[{i}]: illegal base64 data") from None
+        except (binascii.Error, ValueError) as e:
+            raise TranslationError(f"illegal base64 data in image: {e}") from None
 
 
-def _image_parts(text: str, images: list[str] | None) -> str | list[dict[str, Any]]:
+def _image_parts(text: str, images: Sequence[str] | None) -> str | list[dict[str, Any]]:
     if not images:
         return text
     parts: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
@@ -176,17 +228,26 @@ def _sniff_mime(b64: str) -> str:
 
 def _think(think: wire.Think, target: Target) -> dict[str, Any]:
     if think is None:
-        return {}
-    if isinstance(think, str) and think not in ("low", "medium", "high", "max", "true", "false"):
-        raise TranslationError(f'invalid think value: "{think}" (use true, false, "low", "medium", "high" or "max")')
-    enabled = think not in (False, "false")
-    if enabled and not target.thinking:
-        raise TranslationError(f'"{target.name}" does not support thinking')
+        return {}  # the model's default: a thinking model thinks
+    if isinstance(think, str):
+        level = think.lower()
+        if level in ("true", "false"):
+            think = level == "true"
+        elif level not in THINK_LEVELS:
+            raise TranslationError(
+                f'invalid think value: "{think}" (use true, false, "low", "medium", "high" or "max")')
+    enabled = think is not False
     if not target.thinking:
+        if enabled:
+            raise TranslationError(f'"{target.shown}" does not support thinking')
         return {}
-    extra: dict[str, Any] = {"chat_template_kwargs": {"enable_thinking": enabled}}
-    if isinstance(think, str) and think in ("low", "medium", "high"):
-        extra["reasoning_effort"] = think
+    # Templates name the switch differently (Qwen3: enable_thinking; DeepSeek, Granite:
+    # thinking); vLLM passes on only the variables a template declares.
+    extra: dict[str, Any] = {"chat_template_kwargs": {"enable_thinking": enabled, "thinking": enabled}}
+    if isinstance(think, str):
+        extra["reasoning_effort"] = think.lower()
+    if not enabled:
+        extra["include_reasoning"] = False
     return extra
 
 
@@ -200,7 +261,7 @@ def _logprobs(logprobs: bool | None, top: int | None, chat: bool) -> dict[str, A
     return {"logprobs": top or 0}
 
 
-def _common(body: dict[str, Any], stream: bool, options: wire.Options | None, target: Target) -> dict[str, Any]:
+def _finish_body(body: dict[str, Any], stream: bool, options: wire.Options | None, target: Target) -> dict[str, Any]:
     body.update(sampling(options, target))
     body["stream"] = stream
     if stream:
@@ -208,73 +269,152 @@ def _common(body: dict[str, Any], stream: bool, options: wire.Options | None, ta
     return body
 
 
-def generate_request(req: wire.GenerateRequest, target: Target) -> UpstreamCall:
-    """/api/generate → /v1/chat/completions (templated) or /v1/completions (raw)."""
-    stream = req.stream is not False
+def _check_generate(req: wire.GenerateRequest, target: Target) -> None:
+    if target.embedding:
+        raise TranslationError(f'"{target.shown}" does not support generate')
     check_images(req.images)
     if req.raw and (req.template or req.system or req.context):
         raise TranslationError("raw mode does not support template, system, or context")
     if req.suffix:
-        raise TranslationError(f'"{target.name}" does not support insert')
-    fmt = response_format(req.format)
-    if req.raw or req.template:
-        prompt = render_template(req.template, req.system, req.prompt) if req.template else req.prompt
-        body: dict[str, Any] = {"model": target.name, "prompt": prompt}
-        body.update(_logprobs(req.logprobs, req.top_logprobs, chat=False))
-        if fmt:
-            body["response_format"] = fmt
-        return UpstreamCall("/v1/completions", _common(body, stream, req.options, target))
+        raise TranslationError(f'"{target.shown}" does not support insert')
+
+
+def _generate_messages(req: wire.GenerateRequest) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     if req.system:
         messages.append({"role": "system", "content": req.system})
     messages.append({"role": "user", "content": _image_parts(req.prompt, req.images)})
-    body = {"model": target.name, "messages": messages}
+    return messages
+
+
+def generate_request(
+    req: wire.GenerateRequest, target: Target, prompt_ids: list[int] | None = None
+) -> UpstreamCall:
+    """/api/generate → /v1/chat/completions (through the model's chat template) or
+    /v1/completions (``raw``, a request ``template``, or a continuation of ``context``,
+    whose token ids `prompt_ids` the caller built with `tokenize_request`).
+
+    Templated requests ask vLLM for token ids, so the final chunk can carry Ollama's
+    ``context`` (prompt tokens + generated tokens).
+    """
+    _check_generate(req, target)
+    stream = req.stream is not False
+    fmt = response_format(req.format)
+    if prompt_ids is not None or req.raw or req.template:
+        if prompt_ids is not None:
+            prompt: str | list[int] = prompt_ids
+        elif req.template:
+            prompt = render_template(req.template, req.system, req.prompt)
+        else:
+            prompt = req.prompt
+        body: dict[str, Any] = {"model": target.name, "prompt": prompt}
+        if not req.raw:
+            body["return_token_ids"] = True
+        body.update(_logprobs(req.logprobs, req.top_logprobs, chat=False))
+        if fmt:
+            body["response_format"] = fmt
+        return UpstreamCall("/v1/completions", _finish_body(body, stream, req.options, target))
+    body = {"model": target.name, "messages": _generate_messages(req), "return_token_ids": True}
     body.update(_think(req.think, target))
     body.update(_logprobs(req.logprobs, req.top_logprobs, chat=True))
     if fmt:
         body["response_format"] = fmt
-    return UpstreamCall("/v1/chat/completions", _common(body, stream, req.options, target))
+    return UpstreamCall("/v1/chat/completions", _finish_body(body, stream, req.options, target))
+
+
+def tokenize_request(req: wire.GenerateRequest, target: Target) -> UpstreamCall:
+    """The /tokenize call that turns a generate request's new turn into token ids
+    (templated as vLLM would), to be appended to the request's ``context``."""
+    _check_generate(req, target)
+    if req.template:
+        return UpstreamCall("/tokenize", {"model": target.name, "add_special_tokens": False,
+                                          "prompt": render_template(req.template, req.system, req.prompt)})
+    body: dict[str, Any] = {"model": target.name, "messages": _generate_messages(req), "add_generation_prompt": True}
+    kwargs = _think(req.think, target).get("chat_template_kwargs")
+    if kwargs:
+        body["chat_template_kwargs"] = kwargs
+    return UpstreamCall("/tokenize", body)
+
+
+def context_prompt(context: Sequence[int], new_tokens: Sequence[int]) -> list[int]:
+    """Ollama's continuation: the earlier exchange's tokens, then the new turn's.
+
+    The new turn was templated on its own, so it starts with the BOS token the
+    context already starts with; that second copy is dropped.
+    """
+    new = list(new_tokens)
+    if context and new and new[0] == context[0]:
+        new = new[1:]
+    return [*context, *new]
+
+
+_GO_IF = re.compile(r"\{\{-?\s*if\s+\.(System|Prompt)\s*-?\}\}(.*?)\{\{-?\s*end\s*-?\}\}", re.S)
+_GO_SYSTEM = re.compile(r"\{\{-?\s*\.System\s*-?\}\}")
+_GO_PROMPT = re.compile(r"\{\{-?\s*\.Prompt\s*-?\}\}")
+_GO_RESPONSE = re.compile(r"\{\{-?\s*\.Response\s*-?\}\}.*", re.S)
 
 
 def render_template(template: str, system: str | None, prompt: str) -> str:
-    """The common subset of Ollama's Go templates: ``{{ .System }}``, ``{{ .Prompt }}``
-    and ``{{ if .System }}…{{ end }}`` blocks. Anything else is refused, never guessed."""
-    import re
+    """The common subset of Ollama's Go templates: ``{{ .System }}``, ``{{ .Prompt }}``,
+    ``{{ if .System }}…{{ end }}`` blocks, and ``{{ .Response }}`` (where the answer goes:
+    rendering stops there). Anything else is refused, never guessed."""
 
     def cond(m: re.Match[str]) -> str:
-        var, inner = m.group(1), m.group(2)
-        value = system if var == "System" else prompt
-        return inner if value else ""
+        value = system if m.group(1) == "System" else prompt
+        return m.group(2) if value else ""
 
-    out = re.sub(r"\{\{-?\s*if\s+\.(System|Prompt)\s*-?\}\}(.*?)\{\{-?\s*end\s*-?\}\}", cond, template, flags=re.S)
-    out = re.sub(r"\{\{-?\s*\.System\s*-?\}\}", lambda _: system or "", out)
-    out = re.sub(r"\{\{-?\s*\.Prompt\s*-?\}\}", lambda _: prompt, out)
-    out = re.sub(r"\{\{-?\s*\.Response\s*-?\}\}.*", "", out, flags=re.S)
+    out = _GO_IF.sub(cond, template)
+    out = _GO_SYSTEM.sub(lambda _: system or "", out)
+    out = _GO_PROMPT.sub(lambda _: prompt, out)
+    out = _GO_RESPONSE.sub("", out)
     if "{{" in out:
         raise TranslationError("template uses Go template features vLLama does not render; "
-                               "only .System, .Prompt and `if` blocks are supported")
+                               "only .System, .Prompt, .Response and `if` blocks are supported")
     return out
 
 
-def _chat_message(m: wire.Message, call_ids: dict[str, list[str]]) -> dict[str, Any]:
+class _Calls:
+    """Tool calls of a conversation that still wait for their result."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.pending: list[tuple[str, str]] = []  # (function name, call id), oldest first
+
+    def add(self, name: str, cid: str | None) -> str:
+        cid = cid or f"call_{self.count:09d}"
+        self.count += 1
+        self.pending.append((name, cid))
+        return cid
+
+    def answer(self, cid: str | None, name: str | None) -> str | None:
+        """The id of the call a tool result answers, which then stops waiting."""
+        for i, (n, c) in enumerate(self.pending):
+            if (cid is not None and c == cid) or (cid is None and (name is None or n == name)):
+                del self.pending[i]
+                return c
+        if cid is None and name is not None and self.pending:
+            # The client named a tool no call asked for: answer the oldest call.
+            return self.pending.pop(0)[1]
+        return cid
+
+
+def _arguments_json(args: dict[str, Any] | str) -> str:
+    if isinstance(args, str):
+        return args or "{}"
+    return _json_encode(args).decode()
+
+
+def _chat_message(m: wire.Message, calls: _Calls) -> dict[str, Any]:
     role = m.role.lower()
-    if role not in ("system", "user", "assistant", "tool"):
-        raise TranslationError(f'invalid message role "{m.role}"')
-    out: dict[str, Any] = {"role": role, "content": _image_parts(m.content, m.images)}
+    out: dict[str, Any] = {"role": role, "content": _image_parts(m.content or "", m.images)}
     if m.tool_calls:
-        calls = []
-        for i, tc in enumerate(m.tool_calls):
-            cid = tc.id or f"call_{len(call_ids) + i}"
-            call_ids.setdefault(tc.function.name, []).append(cid)
-            calls.append({"id": cid, "type": "function",
-                          "function": {"name": tc.function.name,
-                                       "arguments": msgspec.json.encode(tc.function.arguments).decode()}})
-        out["tool_calls"] = calls
+        out["tool_calls"] = [
+            {"id": calls.add(tc.function.name, tc.id), "type": "function",
+             "function": {"name": tc.function.name, "arguments": _arguments_json(tc.function.arguments)}}
+            for tc in m.tool_calls
+        ]
     if role == "tool":
-        # Ollama names the tool; OpenAI wants the id of the call this result answers.
-        cid = m.tool_call_id
-        if cid is None and m.tool_name and call_ids.get(m.tool_name):
-            cid = call_ids[m.tool_name].pop(0)
+        cid = calls.answer(m.tool_call_id, m.tool_name)
         if cid is not None:
             out["tool_call_id"] = cid
         if m.tool_name:
@@ -284,25 +424,99 @@ def _chat_message(m: wire.Message, call_ids: dict[str, list[str]]) -> dict[str, 
     return out
 
 
+def chat_messages(messages: Sequence[wire.Message]) -> list[dict[str, Any]]:
+    calls = _Calls()
+    out = []
+    for m in messages:
+        check_images(m.images)
+        out.append(_chat_message(m, calls))
+    return out
+
+
 def chat_request(req: wire.ChatRequest, target: Target) -> UpstreamCall:
     """/api/chat → /v1/chat/completions."""
+    if target.embedding:
+        raise TranslationError(f'"{target.shown}" does not support chat')
     stream = req.stream is not False
-    call_ids: dict[str, list[str]] = {}
-    messages = []
-    for m in req.messages or ():
-        check_images(m.images)
-        messages.append(_chat_message(m, call_ids))
-    body: dict[str, Any] = {"model": target.name, "messages": messages}
+    body: dict[str, Any] = {"model": target.name, "messages": chat_messages(req.messages or ())}
     if req.tools:
+        if not target.tools:
+            raise TranslationError(
+                f'"{target.shown}" does not support tools (set tool_call_parser for it in models.yaml)')
         body["tools"] = [
-            {"type": t.type, "function": msgspec.to_builtins(t.function)} for t in req.tools
+            {"type": t.type or "function", "function": msgspec.to_builtins(t.function)} for t in req.tools
         ]
     fmt = response_format(req.format)
     if fmt:
         body["response_format"] = fmt
     body.update(_think(req.think, target))
     body.update(_logprobs(req.logprobs, req.top_logprobs, chat=True))
-    return UpstreamCall("/v1/chat/completions", _common(body, stream, req.options, target))
+    return UpstreamCall("/v1/chat/completions", _finish_body(body, stream, req.options, target))
+
+
+# --- embeddings -------------------------------------------------------------------
+
+
+def _check_embedding(target: Target) -> None:
+    if not target.embedding:
+        raise TranslationError(
+            f'"{target.shown}" does not support embeddings (serve an embedding model with embedding: true)')
+
+
+def embed_inputs(req: wire.EmbedRequest) -> list[str]:
+    """/api/embed's `input` as a list; an empty string or list means nothing to embed."""
+    if isinstance(req.input, str):
+        return [req.input] if req.input else []
+    return list(req.input or ())
+
+
+def embed_request(req: wire.EmbedRequest, target: Target) -> UpstreamCall:
+    """/api/embed → /v1/embeddings. ``truncate`` (default true) cuts inputs to the context;
+    ``dimensions`` is applied to the answer (`embed_response`), so every model honours it."""
+    _check_embedding(target)
+    body: dict[str, Any] = {"model": target.name, "input": embed_inputs(req)}
+    if req.truncate is not False:
+        body["truncate_prompt_tokens"] = -1
+    return UpstreamCall("/v1/embeddings", body)
+
+
+def embeddings_request(req: wire.EmbeddingsRequest, target: Target) -> UpstreamCall:
+    """Legacy /api/embeddings → /v1/embeddings, unnormalised as Ollama returns it."""
+    _check_embedding(target)
+    return UpstreamCall("/v1/embeddings", {"model": target.name, "input": [req.prompt],
+                                           "truncate_prompt_tokens": -1, "use_activation": False})
+
+
+def _vectors(body: Mapping[str, Any]) -> list[list[float]]:
+    data = sorted(body.get("data") or (), key=lambda d: d.get("index", 0))
+    return [d.get("embedding") or [] for d in data]
+
+
+def normalize(vec: Sequence[float]) -> list[float]:
+    """L2-normalised copy of `vec` (a zero vector stays zero)."""
+    norm = math.sqrt(math.fsum(x * x for x in vec))
+    if norm == 0:
+        return list(vec)
+    return [x / norm for x in vec]
+
+
+def embed_response(body: Mapping[str, Any], model: str, dimensions: int | None,
+                   metrics: Mapping[str, int]) -> wire.EmbedResponse:
+    """vLLM's /v1/embeddings answer → /api/embed's: L2-normalised, cut to `dimensions` first."""
+    out = []
+    for vec in _vectors(body):
+        if dimensions is not None and 0 < dimensions < len(vec):
+            vec = vec[:dimensions]
+        out.append(normalize(vec))
+    usage = body.get("usage") or {}
+    return wire.EmbedResponse(model=model, embeddings=out, prompt_eval_count=usage.get("prompt_tokens") or 0,
+                              total_duration=metrics.get("total_duration", 0),
+                              load_duration=metrics.get("load_duration", 0))
+
+
+def embeddings_response(body: Mapping[str, Any]) -> wire.EmbeddingsResponse:
+    vectors = _vectors(body)
+    return wire.EmbeddingsResponse(embedding=vectors[0] if vectors else [])
 
 
 # --- responses ------------------------------------------------------------------
@@ -333,76 +547,152 @@ class Timing:
         }
 
 
+def _token_bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8", "surrogatepass"))
+
+
 def _logprobs_out(lp: Mapping[str, Any] | None) -> list[wire.Logprob] | None:
-    """OpenAI chat logprobs (``{"content": [{token, logprob, bytes, top_logprobs}]}``) → Ollama's."""
+    """vLLM logprobs → Ollama's ``[{token, logprob, bytes, top_logprobs}]``.
+
+    Chat: ``{"content": [{token, logprob, bytes, top_logprobs: [...]}]}``;
+    completions: ``{"tokens": [...], "token_logprobs": [...], "top_logprobs": [{token: logprob}]}``.
+    """
     if not lp:
         return None
-    items = lp.get("content") or []
-    return [
-        wire.Logprob(token=i.get("token", ""), logprob=float(i.get("logprob", 0.0)), bytes=i.get("bytes"),
-                     top_logprobs=[wire.Logprob(token=t.get("token", ""), logprob=float(t.get("logprob", 0.0)))
-                                   for t in i.get("top_logprobs") or []] or None)
-        for i in items
-    ] or None
+    items = lp.get("content")
+    if items is not None:
+        return [
+            wire.Logprob(
+                token=i.get("token", ""), logprob=float(i.get("logprob", 0.0)),
+                bytes=i.get("bytes") if i.get("bytes") is not None else _token_bytes(i.get("token", "")),
+                top_logprobs=[wire.Logprob(token=t.get("token", ""), logprob=float(t.get("logprob", 0.0)),
+                                           bytes=t.get("bytes"))
+                              for t in i.get("top_logprobs") or ()] or None)
+            for i in items
+        ] or None
+    tokens = lp.get("tokens") or []
+    values = lp.get("token_logprobs") or []
+    tops = lp.get("top_logprobs") or []
+    out = []
+    for n, tok in enumerate(tokens):
+        value = values[n] if n < len(values) and values[n] is not None else 0.0
+        top = tops[n] if n < len(tops) and tops[n] else {}
+        out.append(wire.Logprob(
+            token=tok, logprob=float(value), bytes=_token_bytes(tok),
+            top_logprobs=[wire.Logprob(token=t, logprob=float(v), bytes=_token_bytes(t)) for t, v in top.items()]
+            or None))
+    return out or None
 
 
 def _arguments(raw: str | dict[str, Any] | None) -> dict[str, Any]:
+    """A tool call's arguments as Ollama's object (vLLM sends a JSON string)."""
     if isinstance(raw, dict):
         return raw
     if not raw:
         return {}
     try:
-        value = msgspec.json.decode(raw)
+        value = _json_decode(raw)
     except msgspec.DecodeError:
-        return {"__raw": raw}
+        # Not JSON (a model that wrote broken arguments): keep the text rather than lose it.
+        return {"arguments": raw}
     return value if isinstance(value, dict) else {"value": value}
 
 
 @dataclass
 class _ToolAcc:
+    index: int
     id: str | None = None
     name: str = ""
     arguments: list[str] = field(default_factory=list)
 
+    def call(self) -> wire.ToolCall:
+        return wire.ToolCall(id=self.id, function=wire.ToolCallFunction(
+            index=self.index, name=self.name, arguments=_arguments("".join(self.arguments))))
 
-@dataclass
+
 class _Stream:
-    """Shared state of a response being translated."""
+    """Shared state of a response being translated.
 
-    model: str
-    timing: Timing
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    done_reason: str | None = None
-    usage_seen: bool = False
+    `stamp` is the ``created_at`` of the chunks being made; the caller refreshes it
+    once per batch of chunks (one socket read) rather than once per chunk.
+    """
 
-    def _usage(self, chunk: Mapping[str, Any]) -> None:
-        usage = chunk.get("usage")
-        if usage:
-            self.prompt_tokens = usage.get("prompt_tokens", 0) or 0
-            self.output_tokens = usage.get("completion_tokens", 0) or 0
-            self.usage_seen = True
+    def __init__(self, model: str, timing: Timing) -> None:
+        self.model = model
+        self.timing = timing
+        self.prompt_tokens = 0
+        self.output_tokens = 0
+        self.done_reason: str | None = None
+        self.usage_seen = False
+        self.engine: Mapping[str, Any] | None = None
+        self.stamp = ""
 
-    def _finish(self, choice: Mapping[str, Any]) -> None:
-        reason = choice.get("finish_reason")
-        if reason:
-            self.done_reason = _DONE_REASON.get(reason, "stop")
+    def _usage(self, usage: Mapping[str, Any], engine: Mapping[str, Any] | None) -> None:
+        self.prompt_tokens = usage.get("prompt_tokens", 0) or 0
+        self.output_tokens = usage.get("completion_tokens", 0) or 0
+        self.usage_seen = True
+        if engine:
+            self.engine = engine
+
+    def _finish(self, reason: str) -> None:
+        if reason == "abort" or reason == "error":
+            raise StreamAborted("the model server aborted the generation" if reason == "abort"
+                                else "the model server failed during generation")
+        self.done_reason = _DONE_REASON.get(reason, "stop")
+
+    def _token_seen(self, now: int) -> None:
+        if not self.timing.first_token:
+            self.timing.first_token = now
+        self.timing.last_token = now
 
     def final_metrics(self, now: int) -> dict[str, int]:
-        return self.timing.metrics(now, self.prompt_tokens, self.output_tokens)
+        """Ollama's counters: tokens from vLLM's usage; durations as the router measured them,
+        or vLLM's own (prefill and decode times) when it reports them (``--enable-per-request-metrics``)."""
+        out = self.timing.metrics(now, self.prompt_tokens, self.output_tokens)
+        engine = self.engine
+        if engine:
+            ttft, gen = engine.get("time_to_first_token_ms"), engine.get("generation_time_ms")
+            if isinstance(ttft, int | float):
+                out["prompt_eval_duration"] = int(ttft * 1_000_000)
+            if isinstance(gen, int | float):
+                out["eval_duration"] = int(gen * 1_000_000)
+        return out
 
 
 class GenerateStream(_Stream):
-    """vLLM chunks (completions or chat completions) → /api/generate chunks."""
+    """vLLM chunks (completions or chat completions) → /api/generate chunks.
+
+    With `want_context`, token ids vLLM sends (``return_token_ids``) are collected
+    for the final chunk's ``context``.
+    """
+
+    def __init__(self, model: str, timing: Timing, want_context: bool = False) -> None:
+        super().__init__(model, timing)
+        self.want_context = want_context
+        self.context: list[int] = []
+
+    def _ids(self, top: Mapping[str, Any], choice: Mapping[str, Any]) -> None:
+        prompt = top.get("prompt_token_ids") or choice.get("prompt_token_ids")
+        if prompt:
+            self.context[:0] = prompt
+        ids = choice.get("token_ids")
+        if ids:
+            self.context.extend(ids)
 
     def chunk(self, data: Mapping[str, Any], now: int) -> wire.GenerateChunk | None:
-        """One upstream chunk → one Ollama chunk (None if it carries no text)."""
-        self._usage(data)
+        """One upstream chunk → one Ollama chunk (None if it carries nothing to show)."""
+        usage = data.get("usage")
+        if usage:
+            self._usage(usage, data.get("metrics"))
         choices = data.get("choices")
         if not choices:
             return None
         choice = choices[0]
-        self._finish(choice)
+        reason = choice.get("finish_reason")
+        if reason:
+            self._finish(reason)
+        if self.want_context:
+            self._ids(data, choice)
         delta = choice.get("delta")
         if delta is not None:
             text = delta.get("content") or ""
@@ -410,23 +700,28 @@ class GenerateStream(_Stream):
         else:
             text = choice.get("text") or ""
             thinking = None
-        if not text and not thinking:
+        lp = choice.get("logprobs")
+        if not text and not thinking and not lp:
             return None
-        if not self.timing.first_token:
-            self.timing.first_token = now
-        self.timing.last_token = now
-        return wire.GenerateChunk(model=self.model, created_at=rfc3339(), response=text, done=False,
-                                  thinking=thinking or None, logprobs=_logprobs_out(choice.get("logprobs")))
+        self._token_seen(now)
+        return wire.GenerateChunk(model=self.model, created_at=self.stamp or rfc3339(), response=text, done=False,
+                                  thinking=thinking or None, logprobs=_logprobs_out(lp) if lp else None)
 
     def done(self, now: int) -> wire.GenerateChunk:
         return wire.GenerateChunk(model=self.model, created_at=rfc3339(), response="", done=True,
-                                  done_reason=self.done_reason or "stop", **self.final_metrics(now))
+                                  done_reason=self.done_reason or "stop",
+                                  context=self.context if self.want_context else None, **self.final_metrics(now))
 
     def whole(self, body: Mapping[str, Any], now: int) -> wire.GenerateChunk:
         """A non-streamed vLLM response → the one /api/generate object."""
-        self._usage(body)
+        usage = body.get("usage")
+        if usage:
+            self._usage(usage, body.get("metrics"))
         choice = (body.get("choices") or [{}])[0]
-        self._finish(choice)
+        if choice.get("finish_reason"):
+            self._finish(choice["finish_reason"])
+        if self.want_context:
+            self._ids(body, choice)
         msg = choice.get("message")
         if msg is not None:
             text = msg.get("content") or ""
@@ -435,6 +730,7 @@ class GenerateStream(_Stream):
             text, thinking = choice.get("text") or "", None
         return wire.GenerateChunk(model=self.model, created_at=rfc3339(), response=text, done=True,
                                   thinking=thinking or None, done_reason=self.done_reason or "stop",
+                                  context=self.context if self.want_context else None,
                                   logprobs=_logprobs_out(choice.get("logprobs")), **self.final_metrics(now))
 
 
@@ -442,61 +738,86 @@ class ChatStream(_Stream):
     """vLLM chat chunks → /api/chat chunks; tool-call fragments are assembled first.
 
     OpenAI streams a tool call's arguments as string fragments; Ollama sends each
-    call whole, with `arguments` as an object, so calls are emitted once complete.
+    call whole, with `arguments` as an object. A call is sent as soon as it is
+    complete: when the next call starts, or when the choice finishes.
     """
 
     def __init__(self, model: str, timing: Timing) -> None:
         super().__init__(model, timing)
         self._tools: dict[int, _ToolAcc] = {}
 
+    def _take_tools(self) -> list[wire.ToolCall] | None:
+        if not self._tools:
+            return None
+        calls = [acc.call() for _, acc in sorted(self._tools.items())]
+        self._tools.clear()
+        return calls
+
+    def _tool_deltas(self, deltas: Sequence[Mapping[str, Any]]) -> list[wire.ToolCall] | None:
+        ready: list[wire.ToolCall] | None = None
+        for tc in deltas:
+            index = tc.get("index")
+            if index is None:
+                index = max(self._tools, default=-1) + 1 if tc.get("id") else max(self._tools, default=0)
+            acc = self._tools.get(index)
+            if acc is None:
+                done = self._take_tools()  # a new call starts: the earlier ones are complete
+                if done:
+                    ready = (ready or []) + done
+                acc = self._tools[index] = _ToolAcc(index)
+            if tc.get("id"):
+                acc.id = tc["id"]
+            fn = tc.get("function")
+            if fn:
+                if fn.get("name"):
+                    acc.name += fn["name"]
+                args = fn.get("arguments")
+                if args:
+                    if isinstance(args, dict):  # some servers send the object whole
+                        args = _json_encode(args).decode()
+                    acc.arguments.append(args)
+        return ready
+
     def chunk(self, data: Mapping[str, Any], now: int) -> wire.ChatChunk | None:
-        self._usage(data)
+        usage = data.get("usage")
+        if usage:
+            self._usage(usage, data.get("metrics"))
         choices = data.get("choices")
         if not choices:
             return None
         choice = choices[0]
-        self._finish(choice)
         delta = choice.get("delta") or {}
-        for tc in delta.get("tool_calls") or ():
-            acc = self._tools.setdefault(tc.get("index", len(self._tools)), _ToolAcc())
-            acc.id = tc.get("id") or acc.id
-            fn = tc.get("function") or {}
-            acc.name += fn.get("name") or ""
-            if fn.get("arguments"):
-                acc.arguments.append(fn["arguments"])
         text = delta.get("content") or ""
         thinking = delta.get("reasoning") or delta.get("reasoning_content")
-        calls = self._take_tools() if choice.get("finish_reason") else None
-        if not text and not thinking and not calls:
+        deltas = delta.get("tool_calls")
+        calls = self._tool_deltas(deltas) if deltas else None
+        reason = choice.get("finish_reason")
+        if reason:
+            self._finish(reason)
+            rest = self._take_tools()
+            if rest:
+                calls = (calls or []) + rest
+        lp = choice.get("logprobs")
+        if not text and not thinking and not calls and not lp:
             return None
-        if not self.timing.first_token:
-            self.timing.first_token = now
-        self.timing.last_token = now
+        self._token_seen(now)
         msg = wire.OutMessage(role="assistant", content=text, thinking=thinking or None, tool_calls=calls)
-        return wire.ChatChunk(model=self.model, created_at=rfc3339(), message=msg, done=False,
-                              logprobs=_logprobs_out(choice.get("logprobs")))
-
-    def _take_tools(self) -> list[wire.ToolCall] | None:
-        if not self._tools:
-            return None
-        calls = [
-            wire.ToolCall(id=acc.id, function=wire.ToolCallFunction(
-                index=i, name=acc.name, arguments=_arguments("".join(acc.arguments))))
-            for i, acc in sorted(self._tools.items())
-        ]
-        self._tools.clear()
-        return calls
+        return wire.ChatChunk(model=self.model, created_at=self.stamp or rfc3339(), message=msg, done=False,
+                              logprobs=_logprobs_out(lp) if lp else None)
 
     def done(self, now: int) -> wire.ChatChunk:
-        calls = self._take_tools()
+        calls = self._take_tools()  # a stream that ended without finish_reason
         return wire.ChatChunk(model=self.model, created_at=rfc3339(),
                               message=wire.OutMessage(role="assistant", content="", tool_calls=calls), done=True,
                               done_reason=self.done_reason or "stop", **self.final_metrics(now))
 
     def whole(self, body: Mapping[str, Any], now: int) -> wire.ChatChunk:
-        self._usage(body)
+        usage = body.get("usage")
+        if usage:
+            self._usage(usage, body.get("metrics"))
         choice = (body.get("choices") or [{}])[0]
-        self._finish(choice)
+        if choice.get("finish_reason"):
+            self._finish(choice["finish_reason"])
         msg = choice.get("message") or {}
         calls = [
             wire.ToolCall(id=tc.get("id"), function=wire.ToolCallFunction(
@@ -506,7 +827,7 @@ class ChatStream(_Stream):
         ] or None
         thinking = msg.get("reasoning") or msg.get("reasoning_content")
         out = wire.OutMessage(role="assistant", content=msg.get("content") or "", thinking=thinking or None,
-                           tool_calls=calls)
+                              tool_calls=calls)
         return wire.ChatChunk(model=self.model, created_at=rfc3339(), message=out, done=True,
                               done_reason=self.done_reason or "stop",
                               logprobs=_logprobs_out(choice.get("logprobs")), **self.final_metrics(now))

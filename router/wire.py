@@ -51,7 +51,8 @@ class Options(Struct, omit_defaults=True):
 
 class ToolCallFunction(Struct, omit_defaults=True):
     name: str
-    arguments: dict[str, Any] = msgspec.field(default_factory=dict)
+    arguments: dict[str, Any] | str = msgspec.field(default_factory=dict)
+    """An object in Ollama's form; a JSON string (OpenAI's habit) is accepted on input."""
     index: int | None = None
 
 
@@ -73,7 +74,7 @@ class Tool(Struct, omit_defaults=True):
 
 class Message(Struct, omit_defaults=True):
     role: str
-    content: str = ""
+    content: str | None = ""
     thinking: str | None = None
     images: list[str] | None = None
     tool_calls: list[ToolCall] | None = None
@@ -179,6 +180,7 @@ class GenerateChunk(Struct, omit_defaults=True):
     done: bool
     thinking: str | None = None
     done_reason: str | None = None
+    context: list[int] | None = None
     logprobs: list[Logprob] | None = None
     total_duration: int = 0
     load_duration: int = 0
@@ -260,9 +262,16 @@ class EmbeddingsResponse(Struct):
     embedding: list[float]
 
 
+class TensorInfo(Struct):
+    name: str
+    type: str
+    shape: list[int]
+
+
 class ShowResponse(Struct, omit_defaults=True):
     details: ModelDetails
     model_info: dict[str, Any]
+    """Always present (the Python client requires the key), at least ``{}``."""
     capabilities: list[str]
     template: str = ""
     parameters: str = ""
@@ -270,6 +279,7 @@ class ShowResponse(Struct, omit_defaults=True):
     modelfile: str = ""
     system: str = ""
     modified_at: str = ""
+    tensors: list[TensorInfo] | None = None
 
 
 class StatusResponse(Struct, omit_defaults=True):
