@@ -45,7 +45,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -56,7 +56,8 @@ import huggingface_hub
 from huggingface_hub import HfApi, constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub import errors as hf_errors
 from huggingface_hub.file_download import http_get, repo_folder_name
-from huggingface_hub.utils import build_hf_headers, is_xet_available
+from huggingface_hub.utils import build_hf_headers
+from huggingface_hub.utils._runtime import is_xet_available  # not re-exported in 2.4.0
 
 try:  # huggingface_hub 2.x ships its HTTP stack as httpx2; 1.x used httpx.
     import httpx2 as _httpx
@@ -169,11 +170,8 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
         s = s.removeprefix(prefix)
     for prefix in ("hf.co/", "huggingface.co/"):
         s = s.removeprefix(prefix)
-    repo, _, revision = s.partition("@")
-    if revision == "":
-        revision_opt: str | None = None
-    else:
-        revision_opt = revision
+    repo, at, revision = s.partition("@")
+    revision_opt = revision if at else None
     if repo.endswith(":latest"):
         repo = repo[: -len(":latest")]
     if ":" in repo:
@@ -359,7 +357,8 @@ def _hub_error(e: BaseException, repo: str, revision: str | None, env: HubEnv) -
         return PullError(
             503,
             f"cannot reach the Hugging Face Hub at {env.endpoint} ({type(e).__name__}: {e}): check the network, "
-            "set HF_ENDPOINT to a reachable mirror, or set HF_HUB_OFFLINE=1 to use models already in the cache",
+            "set HF_ENDPOINT to a reachable mirror, or set HF_HUB_OFFLINE=1 to use models already in the cache "
+            "(an interrupted pull resumes where it stopped)",
         )
     if isinstance(e, hf_errors.HfHubHTTPError):
         code = e.response.status_code if e.response is not None else 0
@@ -455,15 +454,18 @@ def plan(repo: str, revision: str | None = None, gguf: str | None = None) -> Pul
             s = siblings[p]
             sha256 = s.lfs.sha256 if s.lfs is not None else None
             size = s.lfs.size if s.lfs is not None else s.size
-            if size is None:  # a mirror without `?blobs=true`: ask the file itself
+            blob_id = s.blob_id
+            if size is None:  # a mirror that ignores `?blobs=true`: ask the file itself
                 meta = get_hf_file_metadata(
                     hf_hub_url(repo, p, revision=commit, endpoint=env.endpoint), endpoint=env.endpoint
                 )
                 size = meta.size or 0
-            cached, partial = _state_of(storage, commit, p, sha256 or s.blob_id)
-            files.append(
-                FileEntry(p, size, _digest_of(sha256, s.blob_id), sha256, s.blob_id, cached=cached, partial=partial)
-            )
+                if meta.etag and _SHA256_RE.fullmatch(meta.etag):
+                    sha256 = meta.etag
+                elif meta.etag and _COMMIT_RE.fullmatch(meta.etag):
+                    blob_id = meta.etag
+            cached, partial = _state_of(storage, commit, p, sha256 or blob_id)
+            files.append(FileEntry(p, size, _digest_of(sha256, blob_id), sha256, blob_id, cached=cached, partial=partial))
     except Exception as e:  # noqa: BLE001 - every failure becomes a PullError with a clear message
         raise _hub_error(e, repo, revision, env) from e
     p_ = PullPlan(repo, rev, commit, tuple(files), env.cache_dir, gguf)
@@ -472,7 +474,7 @@ def plan(repo: str, revision: str | None = None, gguf: str | None = None) -> Pul
 
 
 def _check_space(p: PullPlan) -> None:
-    where, free = _free_bytes(p.cache_dir)
+    _, free = _free_bytes(p.cache_dir)
     if p.to_download > free:
         raise PullError(
             507,
@@ -544,12 +546,17 @@ def ollama_status(event: Progress) -> dict[str, Any]:
 
 
 class _Emitter:
-    """Serialises callbacks from the download threads and throttles each file's events."""
+    """Serialises progress callbacks from the download threads, and carries the stop signals:
+    the caller's `cancel`, and `failed`, set when one file fails so that the others stop too."""
 
     def __init__(self, on_progress: Callable[[Progress], None] | None, cancel: threading.Event) -> None:
         self._cb = on_progress
         self._lock = threading.Lock()
         self.cancel = cancel
+        self.failed = threading.Event()
+
+    def stopped(self) -> bool:
+        return self.cancel.is_set() or self.failed.is_set()
 
     def emit(self, event: Progress) -> None:
         if self._cb is not None:
@@ -564,11 +571,14 @@ class _FileBar:
     ``update(n)`` per chunk (``update(-n)`` if a server ignored a Range request). Subclassed per
     file by `_bar_class`, because the library passes only a class. Having ``update_transfer``
     makes Xet downloads count each byte once (it marks the bar as "aggregated"). Raising from
-    ``update`` is how a cancelled pull stops a download mid-file.
+    ``update`` is how a cancelled pull stops a Xet download mid-file (plain HTTP downloads are
+    stopped by `_StopWriter`, which loses no byte).
     """
 
     entry: FileEntry
     emitter: _Emitter
+    stop_here = True
+    """False when `_StopWriter` stops the download instead (after the chunk is saved, not before)."""
 
     def __init__(self, *args: Any, total: int | None = None, initial: int = 0, **kwargs: Any) -> None:
         self.total = self.entry.size or total or 0
@@ -584,7 +594,7 @@ class _FileBar:
             self.emitter.emit(Progress("file", e.path, e.digest, self.total, min(max(self.n, 0), self.total)))
 
     def update(self, n: float | None = 1) -> None:
-        if self.emitter.cancel.is_set():
+        if self.stop_here and self.emitter.stopped():
             raise _Cancelled()
         self.n += int(n or 0)
         self._report()
@@ -606,8 +616,28 @@ class _FileBar:
         return lambda *a, **k: None
 
 
-def _bar_class(entry: FileEntry, emitter: _Emitter) -> type[_FileBar]:
-    return type("_Bar", (_FileBar,), {"entry": entry, "emitter": emitter})
+def _bar_class(entry: FileEntry, emitter: _Emitter, stop_here: bool = True) -> type[_FileBar]:
+    return type("_Bar", (_FileBar,), {"entry": entry, "emitter": emitter, "stop_here": stop_here})
+
+
+class _StopWriter:
+    """The partial file as http_get sees it: stops a cancelled download right *after* writing a
+    chunk, so that every byte received is kept for the resume (the bar sees chunks before they
+    are written)."""
+
+    def __init__(self, f: Any, stopped: Callable[[], bool], size: int) -> None:
+        self._f = f
+        self._stopped = stopped
+        self._size = size
+
+    def write(self, data: bytes) -> int:
+        n = self._f.write(data)
+        if self._stopped() and self._f.tell() < self._size:  # a finished file may as well be kept
+            raise _Cancelled()
+        return n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
 
 
 # --- pull --------------------------------------------------------------------
@@ -642,14 +672,14 @@ class _Lock:
     """The library's per-blob lock file (``.locks/<repo>/<etag>.lock``), so that a concurrent pull,
     vLLM or ``hf download`` never appends to the same partial file; waits while checking `cancel`."""
 
-    def __init__(self, path: Path, cancel: threading.Event) -> None:
+    def __init__(self, path: Path, stopped: Callable[[], bool]) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = filelock.FileLock(str(path), mode=0o664)
-        self._cancel = cancel
+        self._stopped = stopped
 
     def __enter__(self) -> None:
         while True:
-            if self._cancel.is_set():
+            if self._stopped():
                 raise _Cancelled()
             try:
                 self._lock.acquire(timeout=0.25)
@@ -666,11 +696,11 @@ class _Lock:
 
 def _fetch(p: PullPlan, entry: FileEntry, env: HubEnv, emitter: _Emitter) -> None:
     """Download one file into the cache (resuming a partial blob), verify it and link it."""
-    if emitter.cancel.is_set():
+    if emitter.stopped():
         raise _Cancelled()
     storage = _storage(p.cache_dir, p.repo)
     pointer = _pointer(storage, p.commit, entry.path)
-    bar = _bar_class(entry, emitter)
+    bar = _bar_class(entry, emitter, stop_here=False)
     url = hf_hub_url(p.repo, entry.path, revision=p.commit, endpoint=env.endpoint)
     meta = get_hf_file_metadata(url, endpoint=env.endpoint, timeout=constants.HF_HUB_ETAG_TIMEOUT)
     etag = meta.etag or entry.sha256 or entry.blob_id
@@ -680,24 +710,32 @@ def _fetch(p: PullPlan, entry: FileEntry, env: HubEnv, emitter: _Emitter) -> Non
     if meta.xet_file_data is not None and is_xet_available():
         hf_hub_download(
             p.repo, entry.path, revision=p.commit, cache_dir=p.cache_dir, endpoint=env.endpoint,
-            tqdm_class=cast(Any, bar),
+            tqdm_class=cast(Any, _bar_class(entry, emitter)),
         )  # fmt: skip
         return
     blob.parent.mkdir(parents=True, exist_ok=True)
-    with _Lock(p.cache_dir / ".locks" / storage.name / f"{etag}.lock", emitter.cancel):
+    with _Lock(p.cache_dir / ".locks" / storage.name / f"{etag}.lock", emitter.stopped):
         if not blob.exists():
             partial = blob.with_name(f"{etag}.incomplete")
             size = meta.size if meta.size is not None else entry.size
             headers = build_hf_headers()
             if urlsplit(meta.location).netloc != urlsplit(url).netloc:
                 headers.pop("authorization", None)  # a CDN gets a signed URL, never the token
-            with partial.open("ab") as f:
-                resume = f.tell()
-                if resume > size:
-                    f.seek(0)
-                    f.truncate()
-                    resume = 0
-                http_get(meta.location, f, resume_size=resume, headers=headers, expected_size=size, tqdm_class=bar)
+            try:
+                with partial.open("ab") as f:
+                    resume = f.tell()
+                    if resume > size:
+                        f.seek(0)
+                        f.truncate()
+                        resume = 0
+                    http_get(
+                        meta.location, cast(Any, _StopWriter(f, emitter.stopped, size)), resume_size=resume,
+                        headers=headers, expected_size=size, tqdm_class=cast(Any, bar),
+                    )  # fmt: skip
+            except BaseException:
+                if partial.exists() and partial.stat().st_size == 0:
+                    partial.unlink()  # nothing to resume from: leave no litter
+                raise
             _verify(partial, entry, etag)
             os.replace(partial, blob)
         else:
@@ -756,23 +794,21 @@ def pull(
     Every failure is a PullError; the revision is registered (ref + manifest) only on success.
     """
     env = hub_env()
-    cancel = cancel or threading.Event()
-    emitter = _Emitter(on_progress, cancel)
+    emitter = _Emitter(on_progress, cancel or threading.Event())
     emitter.emit(Progress("manifest"))
     p = pull_plan or plan(repo, revision, gguf)
-    if p.offline or all(f.cached for f in p.files) and p.snapshot_path.is_dir():
+    if p.offline:
         for f in p.files:
             emitter.emit(Progress("file", f.path, f.digest, f.size, f.size))
     else:
         p = _download(p, env, emitter, workers)
-    emitter.emit(Progress("verify"))
+    emitter.emit(Progress("verify"))  # each file was checked as it finished; Ollama says it once
     emitter.emit(Progress("write"))
     if not p.offline:
-        storage = _storage(p.cache_dir, p.repo)
         try:
             _write_manifest(p, complete=True)
             if p.revision != p.commit:
-                _write_atomic(storage / "refs" / p.revision, p.commit)
+                _write_atomic(_storage(p.cache_dir, p.repo) / "refs" / p.revision, p.commit)
         except OSError as e:
             raise _hub_error(e, p.repo, p.revision, env) from e
     emitter.emit(Progress("success"))
@@ -780,55 +816,39 @@ def pull(
 
 
 def _download(p: PullPlan, env: HubEnv, emitter: _Emitter, workers: int) -> PullPlan:
-    # A failing file stops the others; the user's cancel must not be set by us, so chain events.
-    user_cancel = emitter.cancel
-    stop = threading.Event()
-    inner = _Emitter(emitter._cb, stop)
-    inner._lock = emitter._lock
-    watcher_done = threading.Event()
+    """Fetch the files not cached yet, in parallel; link those whose blob is cached but not linked."""
+    storage = _storage(p.cache_dir, p.repo)
+    todo = [f for f in p.files if not f.cached]
+    errors: list[BaseException] = []
 
-    def watch() -> None:
-        while not watcher_done.wait(0.1):
-            if user_cancel.is_set():
-                stop.set()
-                return
+    def run(entry: FileEntry) -> None:
+        try:
+            _fetch(p, entry, env, emitter)
+        except BaseException as e:  # noqa: BLE001 - collected, the first real one is raised below
+            errors.append(e)
+            emitter.failed.set()
 
-    threading.Thread(target=watch, daemon=True).start()
     try:
-        _write_manifest(p, complete=False)
-        todo = [f for f in p.files if not f.cached]
+        if todo:
+            _write_manifest(p, complete=False)  # lets local_snapshot show the pull as partial
         for f in p.files:
             if f.cached:
-                emitter.emit(Progress("file", f.path, f.digest, f.size, f.size))
-        errors: list[BaseException] = []
-
-        def run(entry: FileEntry) -> None:
-            try:
-                _fetch(p, entry, env, inner)
-            except BaseException as e:  # noqa: BLE001
-                errors.append(e)
-                stop.set()
-
-        with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo))), thread_name_prefix="vllama-pull") as ex:
-            list(ex.map(run, todo))
-        # Files that were cached (blob present, link missing) get their link too.
-        storage = _storage(p.cache_dir, p.repo)
-        for f in p.files:
-            if f.cached and not _pointer(storage, p.commit, f.path).exists():
+                pointer = _pointer(storage, p.commit, f.path)
                 etag = f.sha256 or f.blob_id
-                if etag and (storage / "blobs" / etag).exists():
-                    _link(storage / "blobs" / etag, _pointer(storage, p.commit, f.path))
-        if errors:
-            real = [e for e in errors if not isinstance(e, _Cancelled)]
-            raise _hub_error((real or errors)[0], p.repo, p.revision, env)
-        if user_cancel.is_set():
-            raise _Cancelled()
-    except PullError:
-        raise
+                if not pointer.exists() and etag and (storage / "blobs" / etag).exists():
+                    _link(storage / "blobs" / etag, pointer)
+                emitter.emit(Progress("file", f.path, f.digest, f.size, f.size))
+        if todo:
+            with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo))), thread_name_prefix="vllama-pull") as ex:
+                list(ex.map(run, todo))
     except Exception as e:  # noqa: BLE001
         raise _hub_error(e, p.repo, p.revision, env) from e
-    finally:
-        watcher_done.set()
+    if errors:
+        real = [e for e in errors if not isinstance(e, _Cancelled)]
+        err = (real or errors)[0]
+        raise _hub_error(err, p.repo, p.revision, env) from err
+    if emitter.cancel.is_set():
+        raise _Cancelled()
     return replace(p, files=tuple(replace(f, cached=True, partial=0) for f in p.files))
 
 
@@ -896,6 +916,8 @@ class LocalModel:
     """The commit hash; None for a local directory."""
     complete: bool
     files: int = 0
+    gguf: Path | None = None
+    """The GGUF file to hand to vLLM, when the revision was pulled with ``gguf=``."""
 
     @property
     def state(self) -> Literal["complete", "partial"]:
@@ -939,7 +961,8 @@ def _looks_complete(snap: Path) -> bool:
 
 
 def local_snapshot(source: str, revision: str | None = None) -> LocalModel | None:
-    """What the cache (or a local directory `source`) holds for a model; None when nothing.
+    """What the cache (or a local directory `source`, already resolved with
+    ``Config.source_path``) holds for a model; None when nothing.
 
     Never touches the network, so /api/tags, ``vllama list`` and ``serve`` (deciding whether
     to auto-pull) stay fast and work offline. A revision counts as `complete` when a pull of
@@ -1000,7 +1023,10 @@ def local_snapshot(source: str, revision: str | None = None) -> LocalModel | Non
         complete = snap.is_dir() and _looks_complete(snap)
     if not mtime:
         mtime = (snap if snap.is_dir() else storage).stat().st_mtime
-    return LocalModel(snap, size, datetime.fromtimestamp(mtime, timezone.utc), commit, complete, count)
+    gguf = (manifest or {}).get("gguf")
+    return LocalModel(
+        snap, size, datetime.fromtimestamp(mtime, timezone.utc), commit, complete, count, snap / gguf if gguf else None
+    )
 
 
 def delete(repo: str, revision: str | None = None, *, all_revisions: bool = False) -> int:
@@ -1096,7 +1122,3 @@ def render_pull(repo: str, revision: str | None, gguf: str | None, console: Any)
         path = pull(repo, revision, gguf, on_progress, pull_plan=p)
     console.print(f"[green]success[/]: {path}")
     return path
-
-
-def _unused(*_: object) -> None:  # keep linters quiet about names only used in type positions
-    _ = field
