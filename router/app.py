@@ -24,6 +24,7 @@ from litestar.exceptions import (
     ValidationException,
 )
 from litestar.openapi import OpenAPIConfig
+from litestar.params import JSONBody
 from litestar.response import Stream
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
@@ -164,19 +165,19 @@ def create_app(
         return None
 
     @post("/api/generate", status_code=200)
-    async def generate(request: Request[Any, Any, Any], data: wire.GenerateRequest) -> Response[Any] | Stream:
+    async def generate(request: Request[Any, Any, Any], data: JSONBody[wire.GenerateRequest]) -> Response[Any] | Stream:
         return _reply(await until_gone(request, service.generate(data)), data.stream is not False)
 
     @post("/api/chat", status_code=200)
-    async def chat(request: Request[Any, Any, Any], data: wire.ChatRequest) -> Response[Any] | Stream:
+    async def chat(request: Request[Any, Any, Any], data: JSONBody[wire.ChatRequest]) -> Response[Any] | Stream:
         return _reply(await until_gone(request, service.chat(data)), data.stream is not False)
 
     @post("/api/embed", status_code=200)
-    async def embed(request: Request[Any, Any, Any], data: wire.EmbedRequest) -> Response[Any] | Stream:
+    async def embed(request: Request[Any, Any, Any], data: JSONBody[wire.EmbedRequest]) -> Response[Any] | Stream:
         return _reply(await until_gone(request, service.embed(data)), False)
 
     @post("/api/embeddings", status_code=200)
-    async def embeddings(request: Request[Any, Any, Any], data: wire.EmbeddingsRequest) -> Response[Any] | Stream:
+    async def embeddings(request: Request[Any, Any, Any], data: JSONBody[wire.EmbeddingsRequest]) -> Response[Any] | Stream:
         return _reply(await until_gone(request, service.embeddings(data)), False)
 
     @get("/api/tags", sync_to_thread=True)
@@ -188,7 +189,7 @@ def create_app(
         return None
 
     @post("/api/show", status_code=200, sync_to_thread=True)
-    def show(data: wire.ModelRequest) -> wire.ShowResponse:
+    def show(data: JSONBody[wire.ModelRequest]) -> wire.ShowResponse:
         if not data.target:
             raise ApiError(400, "model is required")
         out = catalog.show(data.target, bool(data.verbose))

@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 from litestar import Request, Response, Router, get, post
 from litestar.background_tasks import BackgroundTask
+from litestar.params import FromPath
 from litestar.response import Stream
 
 from .lifecycle import Fleet, Lease, ModelNotFound, ModelUnavailable
@@ -165,7 +166,7 @@ def passthrough_router(fleet: Fleet, upstream: Upstream) -> Router:
         return Response(_encode(p.models()), media_type="application/json")
 
     @get("/models/{model:path}", sync_to_thread=False)
-    def model(model: str) -> Response[bytes]:
+    def model(model: FromPath[str]) -> Response[bytes]:
         entry = p.model(model.lstrip("/"))
         if entry is None:
             return openai_error(404, f"The model `{model.lstrip('/')}` does not exist.", "model")

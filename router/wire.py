@@ -49,7 +49,9 @@ class Options(Struct, omit_defaults=True):
     numa: bool | None = None
 
 
-class ToolCallFunction(Struct, omit_defaults=True):
+class ToolCallFunction(Struct):
+    """Every key always written: Ollama's clients require `arguments`, even when empty."""
+
     name: str
     arguments: dict[str, Any] | str = msgspec.field(default_factory=dict)
     """An object in Ollama's form; a JSON string (OpenAI's habit) is accepted on input."""

@@ -228,8 +228,6 @@ class FakeVLLM:
                  "completion_tokens": completion}
         want_ids = bool(req.get("return_token_ids"))
         prompt_ids = list(range(1, prompt_tokens + 1)) if want_ids else None
-        if not req.get("stream"):
-            return await self._json(send, 200, self._whole(req, script, tokens, finish, usage, prompt_ids, chat))
         self.running += 1
         gone = asyncio.Event()
 
@@ -241,6 +239,20 @@ class FakeVLLM:
                     return
 
         watcher = asyncio.ensure_future(watch())
+        if not req.get("stream"):
+            try:
+                if script.delay:
+                    try:
+                        await asyncio.wait_for(gone.wait(), script.delay * len(tokens))
+                    except TimeoutError:
+                        pass
+                    if gone.is_set():
+                        self.disconnects += 1
+                        return
+                return await self._json(send, 200, self._whole(req, script, tokens, finish, usage, prompt_ids, chat))
+            finally:
+                watcher.cancel()
+                self.running -= 1
         try:
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})

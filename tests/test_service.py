@@ -1,0 +1,441 @@
+"""The Ollama API and the pass-through routes over real HTTP, against a fake vLLM.
+
+The router here is the real one (app, service, fleet, upstream) on its own
+thread; the models point (``url``) at `FakeVLLM`, which answers in vLLM 0.32's
+exact shapes. That lets these tests show what the tiny random model cannot:
+tool calls, thinking, logprobs, failures mid-stream, a client hanging up. The
+clients are the official ones (ollama, openai, anthropic), so their own
+response models check our field names and types.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import ollama
+import pytest
+
+try:  # tests/ is not a package today; keep working if it becomes one
+    from .fake_vllm import FakeVLLM, RouterThread, Script, error, slow, text, thinking, tool_calls
+except ImportError:
+    from fake_vllm import FakeVLLM, RouterThread, Script, error, slow, text, thinking, tool_calls
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeVLLM]:
+    with FakeVLLM("smart:latest", names=("plain:latest", "embedder:latest")) as f:
+        yield f
+
+
+@pytest.fixture(scope="module")
+def router(fake: FakeVLLM, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RouterThread]:
+    dead = FakeVLLM().port  # nothing listens there
+    registry = {"server": {"cold_start_timeout": 1}, "models": [
+        {"name": "smart", "aliases": ["clever"], "source": "/nonexistent/smart", "url": fake.url,
+         "max_model_len": 1024, "tool_call_parser": "hermes", "reasoning_parser": "deepseek_r1"},
+        {"name": "plain", "source": "/nonexistent/plain", "url": fake.url, "max_model_len": 512},
+        {"name": "embedder", "source": "/nonexistent/embedder", "url": fake.url, "embedding": True},
+        {"name": "gone", "source": "/nonexistent/gone", "url": f"http://127.0.0.1:{dead}"},
+    ]}
+    r = RouterThread(registry).start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def client(router: RouterThread, fake: FakeVLLM) -> ollama.Client:
+    fake.reset()
+    return ollama.Client(host=router.url)
+
+
+def post(router: RouterThread, path: str, body: Any = None, content: bytes | None = None) -> httpx.Response:
+    if content is None:
+        content = json.dumps(body).encode()
+    return httpx.post(router.url + path, content=content, headers={"content-type": "application/json"}, timeout=10)
+
+
+def ndjson(r: httpx.Response) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in r.text.splitlines() if line]
+
+
+# --- generate ---------------------------------------------------------------------------------
+
+
+def test_generate_streams_token_by_token_with_usage_counts(client: ollama.Client, fake: FakeVLLM) -> None:
+    chunks = list(client.generate(model="smart", prompt="hello there", stream=True, options={"num_predict": 4}))
+    assert [c.response for c in chunks] == ["w0 ", "w1 ", "w2 ", "w3 ", ""]
+    final = chunks[-1]
+    assert final.done and final.done_reason == "length" and final.eval_count == 4
+    assert final.prompt_eval_count == 3  # from vLLM's usage, never counted here
+    assert final.context == [1, 2, 3, 200, 201, 202, 203]  # prompt + generated token ids
+    assert final.total_duration >= final.eval_duration > 0
+    assert fake.last()["max_tokens"] == 4
+
+
+def test_generate_non_stream_is_one_object(client: ollama.Client) -> None:
+    r = client.generate(model="smart", prompt="hi", options={"num_predict": 2})
+    assert r.response == "w0 w1 " and r.done and r.done_reason == "length" and r.eval_count == 2
+    assert r.context
+
+
+def test_generate_with_context_continues_with_token_ids(client: ollama.Client, fake: FakeVLLM) -> None:
+    first = client.generate(model="smart", prompt="one", options={"num_predict": 2})
+    client.generate(model="smart", prompt="two three", context=first.context, options={"num_predict": 2})
+    assert fake.requests[-2][0] == "/tokenize"
+    path, body = fake.requests[-1]
+    assert path == "/v1/completions"
+    assert body["prompt"] == [*first.context, 100, 101]  # the new turn's BOS (1) dropped
+
+
+def test_raw_generate_has_no_context(client: ollama.Client, fake: FakeVLLM) -> None:
+    r = client.generate(model="smart", prompt="abc", raw=True, options={"num_predict": 1})
+    assert fake.requests[-1][0] == "/v1/completions" and r.context is None
+
+
+def test_empty_prompt_loads_and_keep_alive_0_unloads(client: ollama.Client) -> None:
+    r = client.generate(model="smart", prompt="")
+    assert r.done and r.done_reason == "load" and r.response == ""
+    assert client.generate(model="smart", keep_alive=0).done_reason == "unload"
+    c = client.chat(model="smart", messages=[])
+    assert c.done_reason == "load" and c.message.role == "assistant"
+
+
+def test_options_reach_vllm(client: ollama.Client, fake: FakeVLLM) -> None:
+    client.generate(model="smart", prompt="x", options={
+        "temperature": 0.2, "top_p": 0.5, "top_k": 7, "min_p": 0.1, "seed": 3, "stop": ["w2"], "num_predict": 9,
+        "repeat_penalty": 1.2, "presence_penalty": 0.1, "frequency_penalty": 0.2, "num_gpu": 1, "mirostat": 1,
+        "typical_p": 0.7})
+    body = fake.last()
+    assert {k: body[k] for k in ("temperature", "top_p", "top_k", "min_p", "seed", "stop", "max_tokens",
+                                 "repetition_penalty", "presence_penalty", "frequency_penalty")} == {
+        "temperature": 0.2, "top_p": 0.5, "top_k": 7, "min_p": 0.1, "seed": 3, "stop": ["w2"], "max_tokens": 9,
+        "repetition_penalty": 1.2, "presence_penalty": 0.1, "frequency_penalty": 0.2}
+    assert not {"num_gpu", "mirostat", "typical_p", "options"} & set(body)
+
+
+def test_format_reaches_vllm_as_structured_output(client: ollama.Client, fake: FakeVLLM) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}}
+    client.chat(model="smart", messages=[{"role": "user", "content": "x"}], format=schema)
+    assert fake.last()["response_format"]["json_schema"]["schema"] == schema
+    client.generate(model="smart", prompt="x", format="json")
+    assert fake.last()["response_format"] == {"type": "json_object"}
+
+
+# --- chat ---------------------------------------------------------------------------------------
+
+
+def test_chat_streams_with_thinking(client: ollama.Client, fake: FakeVLLM) -> None:
+    """The tiny model cannot reason: the fake answers as vLLM's reasoning parser does."""
+    fake.push(thinking(["Let me ", "think."], ["Yes", "."]))
+    chunks = list(client.chat(model="smart", messages=[{"role": "user", "content": "ok?"}], stream=True,
+                              think=True))
+    assert "".join(c.message.thinking or "" for c in chunks) == "Let me think."
+    assert "".join(c.message.content or "" for c in chunks) == "Yes."
+    assert chunks[-1].done and chunks[-1].eval_count == 4
+    assert fake.last()["chat_template_kwargs"]["enable_thinking"] is True
+    fake.push(thinking(["a"], ["b"]))
+    whole = client.chat(model="smart", messages=[{"role": "user", "content": "ok?"}])
+    assert (whole.message.thinking, whole.message.content) == ("a", "b")
+
+
+def test_chat_tool_call_round_trip(client: ollama.Client, fake: FakeVLLM) -> None:
+    """The tiny model never calls tools: the fake streams a call as vLLM's hermes parser does."""
+    fake.push(tool_calls({"name": "get_weather", "arguments": '{"city": "Tokyo"}', "id": "chatcmpl-tool-abc"}))
+    messages: list[Any] = [{"role": "user", "content": "Weather in Tokyo?"}]
+    chunks = list(client.chat(model="smart", messages=messages, tools=[WEATHER], stream=True))
+    calls = [tc for c in chunks for tc in c.message.tool_calls or ()]
+    assert len(calls) == 1
+    assert calls[0].function.name == "get_weather" and calls[0].function.arguments == {"city": "Tokyo"}
+    assert fake.last()["tools"] == [WEATHER]
+    # The client runs the tool and sends the result back, named by tool (the python client drops ids).
+    messages += [{"role": "assistant", "content": "", "tool_calls": calls},
+                 {"role": "tool", "content": "sunny", "tool_name": "get_weather"}]
+    fake.push(text("It", " is", " sunny"))
+    answer = client.chat(model="smart", messages=messages, tools=[WEATHER])
+    assert answer.message.content == "It is sunny"
+    sent = fake.last()["messages"]
+    assert sent[1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city":"Tokyo"}'}
+    assert sent[2] == {"role": "tool", "content": "sunny", "tool_call_id": sent[1]["tool_calls"][0]["id"],
+                       "name": "get_weather"}
+
+
+def test_chat_logprobs(client: ollama.Client, fake: FakeVLLM) -> None:
+    fake.push(Script(tokens=["a", "b"], finish_reason="stop", logprobs=True))
+    r = client.chat(model="smart", messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=2)
+    assert [lp.token for lp in r.logprobs] == ["a", "b"]
+    assert r.logprobs[0].top_logprobs[1].token == "x"
+    assert fake.last()["top_logprobs"] == 2
+
+
+def test_alias_resolves_and_the_reply_names_the_model_as_asked(client: ollama.Client, fake: FakeVLLM) -> None:
+    r = client.chat(model="clever", messages=[{"role": "user", "content": "x"}])
+    assert r.model == "clever"
+    assert fake.last()["model"] == "smart:latest"
+
+
+# --- embeddings ----------------------------------------------------------------------------------
+
+
+def test_embed(client: ollama.Client, fake: FakeVLLM) -> None:
+    r = client.embed(model="embedder", input=["a", "bb"])
+    assert len(r.embeddings) == 2
+    assert all(abs(sum(x * x for x in v) - 1) < 1e-9 for v in r.embeddings)
+    assert r.prompt_eval_count == 4
+    assert len(client.embed(model="embedder", input="a", dimensions=2).embeddings[0]) == 2
+    assert client.embed(model="embedder", input=[]).embeddings == []
+    assert fake.last()["input"] == ["a"]  # the empty request never reached vLLM
+    legacy = client.embeddings(model="embedder", prompt="a")
+    assert legacy.embedding == [2.0, 2.0, 2.0, 1.0]  # as vLLM gave it: not normalised
+
+
+def test_embed_on_a_generative_model_is_a_400(client: ollama.Client) -> None:
+    with pytest.raises(ollama.ResponseError) as e:
+        client.embed(model="plain", input="x")
+    assert e.value.status_code == 400 and "does not support embeddings" in e.value.error
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate(model="embedder", prompt="x")
+    assert e.value.status_code == 400 and "does not support generate" in e.value.error
+
+
+# --- listing --------------------------------------------------------------------------------------
+
+
+def test_tags_show_ps_version(client: ollama.Client, router: RouterThread) -> None:
+    assert {m.model for m in client.list().models} == {"smart:latest", "plain:latest", "embedder:latest",
+                                                       "gone:latest"}
+    show = client.show("smart")
+    assert show.capabilities == ["completion", "tools", "thinking"]
+    assert show.modelinfo == {}  # no files to read (a remote model): nothing invented
+    assert "num_ctx" in (show.parameters or "")
+    assert client.show("embedder").capabilities == ["embedding"]
+    ps = client.ps()
+    running = {m.model: m for m in ps.models}
+    assert "gone:latest" not in running  # unreachable: not loaded
+    assert running["smart:latest"].context_length == 1024
+    assert running["smart:latest"].size_vram == 0
+    assert running["smart:latest"].expires_at.year > 2200  # kept forever, as Ollama shows it
+    assert httpx.get(router.url + "/api/version").json() == {"version": "0.12.0"}
+    assert httpx.get(router.url + "/").text == "Ollama is running"
+    assert httpx.head(router.url + "/").status_code == 200
+
+
+def test_show_errors(client: ollama.Client, router: RouterThread) -> None:
+    with pytest.raises(ollama.ResponseError) as e:
+        client.show("nope")
+    assert e.value.status_code == 404 and "not found" in e.value.error
+    r = post(router, "/api/show", {})
+    assert (r.status_code, r.json()) == (400, {"error": "model is required"})
+    assert post(router, "/api/show", {"name": "smart"}).status_code == 200  # the legacy key
+
+
+# --- errors ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/api/generate", "/api/chat", "/api/embed", "/api/embeddings", "/api/show"])
+def test_bad_bodies_are_clean_400s(router: RouterThread, path: str) -> None:
+    cases = [
+        (b"", "missing request body"),
+        (b"{", "invalid JSON: input data was truncated"),
+        (b"{'model': 1}", "invalid JSON: "),
+        (b"[]", "Expected `object`, got `array`"),
+        (b'{"model": 1}', "model: Expected `str`, got `int`"),
+    ]
+    for content, message in cases:
+        r = post(router, path, content=content)
+        assert r.status_code == 400, (content, r.text)
+        assert set(r.json()) == {"error"} and r.json()["error"].startswith(message), (content, r.text)
+    if path != "/api/show":
+        r = post(router, path, {"prompt": "x", "input": "x", "messages": [{"role": "user", "content": "x"}]})
+        assert (r.status_code, r.json()) == (400, {"error": "model is required"})
+
+
+def test_wrong_types_name_the_field(router: RouterThread) -> None:
+    r = post(router, "/api/generate", {"model": "smart", "prompt": "x", "options": {"stop": "w1"}})
+    assert (r.status_code, r.json()) == (400, {"error": "options.stop: Expected `array | null`, got `str`"})
+    r = post(router, "/api/chat", {"model": "smart", "messages": [{"content": "x"}]})
+    assert r.status_code == 400 and "role" in r.json()["error"]
+    r = post(router, "/api/generate", {"model": "smart", "prompt": "x", "keep_alive": "300"})
+    assert r.json() == {"error": 'time: missing unit in duration "300"'}
+    r = post(router, "/api/generate", {"model": "smart", "prompt": "x", "options": {"num_ctx": 999999}})
+    assert r.status_code == 400 and "num_ctx 999999 exceeds" in r.json()["error"]
+
+
+def test_not_found_and_not_supported(client: ollama.Client, router: RouterThread) -> None:
+    for call in (lambda: client.generate(model="nope", prompt="x"),
+                 lambda: client.chat(model="nope", messages=[{"role": "user", "content": "x"}]),
+                 lambda: client.embed(model="nope", input="x")):
+        with pytest.raises(ollama.ResponseError) as e:
+            call()
+        assert e.value.status_code == 404 and e.value.error == 'model "nope" not found, try pulling it first'
+    with pytest.raises(ollama.ResponseError, match='"plain" does not support thinking'):
+        client.chat(model="plain", messages=[{"role": "user", "content": "x"}], think=True)
+    with pytest.raises(ollama.ResponseError, match='"plain" does not support tools'):
+        client.chat(model="plain", messages=[{"role": "user", "content": "x"}], tools=[WEATHER])
+    assert httpx.get(router.url + "/api/nothing").json() == {"error": "404 page not found"}
+    assert httpx.get(router.url + "/api/chat").status_code == 405
+
+
+@pytest.mark.parametrize(("path", "word"), [("/api/copy", "copy"), ("/api/create", "create"), ("/api/push", "push"),
+                                            ("/api/blobs/sha256:abc", "blobs")])
+def test_model_management_is_refused_with_the_reason(router: RouterThread, path: str, word: str) -> None:
+    r = post(router, path, {"model": "x", "source": "a", "destination": "b"})
+    assert r.status_code == 501
+    assert "models.yaml" in r.json()["error"]
+
+
+def test_ollama_client_sees_the_refusal(client: ollama.Client) -> None:
+    with pytest.raises(ollama.ResponseError, match="does not copy models"):
+        client.copy("smart", "smarter")
+    with pytest.raises(ollama.ResponseError, match="does not create models"):
+        client.create(model="x", from_="smart")
+
+
+def test_upstream_error_before_output_keeps_its_status(client: ollama.Client, fake: FakeVLLM) -> None:
+    fake.push(error(400, "temperature must be non-negative"))
+    with pytest.raises(ollama.ResponseError) as e:
+        list(client.chat(model="smart", messages=[{"role": "user", "content": "x"}], stream=True))
+    assert (e.value.status_code, e.value.error) == (400, "temperature must be non-negative")
+    fake.push(error(500, "engine dead"))
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate(model="smart", prompt="x")
+    assert e.value.status_code == 502
+
+
+def test_upstream_failure_mid_stream_ends_with_an_error_line(router: RouterThread, fake: FakeVLLM) -> None:
+    fake.reset()
+    fake.push(Script(tokens=["a", "b", "c"], error_after=2), Script(tokens=["a", "b", "c"], cut_after=1))
+    lines = ndjson(post(router, "/api/chat", {"model": "smart", "messages": [{"role": "user", "content": "x"}]}))
+    assert [ln.get("message", {}).get("content") for ln in lines[:2]] == ["a", "b"]
+    assert lines[-1] == {"error": "the engine died"}
+    r = post(router, "/api/generate", {"model": "smart", "prompt": "x"})
+    assert r.status_code == 200
+    lines = ndjson(r)
+    assert lines[0]["response"] == "a"
+    assert "error" in lines[-1] and "closed the connection" in lines[-1]["error"]
+
+
+def test_ollama_client_raises_on_an_error_line(client: ollama.Client, fake: FakeVLLM) -> None:
+    fake.push(Script(tokens=["a", "b"], error_after=1))
+    with pytest.raises(ollama.ResponseError, match="the engine died"):
+        list(client.generate(model="smart", prompt="x", stream=True))
+
+
+def test_unreachable_model_is_a_503(client: ollama.Client) -> None:
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate(model="gone", prompt="x")
+    assert e.value.status_code == 503
+
+
+# --- cancellation -------------------------------------------------------------------------------------
+
+
+def _wait(cond: Any, timeout: float = 5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+def test_client_disconnect_mid_stream_cancels_the_upstream_request(router: RouterThread, fake: FakeVLLM) -> None:
+    fake.reset()
+    fake.push(slow(500, 0.02))
+    with httpx.stream("POST", router.url + "/api/generate", json={"model": "smart", "prompt": "x"}) as r:
+        got = 0
+        for _ in r.iter_lines():
+            got += 1
+            if got == 3:
+                break
+    assert _wait(lambda: fake.disconnects == 1 and fake.running == 0), (fake.disconnects, fake.running)
+    assert _wait(lambda: router.fleet.runtimes["smart:latest"].inflight == 0)
+
+
+def test_client_disconnect_during_a_non_streamed_request_cancels_it(router: RouterThread, fake: FakeVLLM) -> None:
+    fake.reset()
+    fake.push(slow(200, 0.02))
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(router.url + "/api/chat", json={"model": "smart", "stream": False,
+                                                   "messages": [{"role": "user", "content": "x"}]}, timeout=0.3)
+    assert _wait(lambda: fake.disconnects == 1 and fake.running == 0), (fake.disconnects, fake.running)
+    assert _wait(lambda: router.fleet.runtimes["smart:latest"].inflight == 0)
+
+
+def test_streaming_is_not_buffered(router: RouterThread, fake: FakeVLLM) -> None:
+    fake.reset()
+    fake.push(slow(4, 0.3))
+    times = []
+    with httpx.stream("POST", router.url + "/api/generate", json={"model": "smart", "prompt": "x"}) as r:
+        for _line in r.iter_lines():
+            times.append(time.monotonic())
+    assert len(times) == 5
+    assert times[3] - times[0] > 0.6  # each token arrived when vLLM sent it
+
+
+# --- pass-through ---------------------------------------------------------------------------------------
+
+
+def test_openai_client_through_the_pass_through(router: RouterThread, fake: FakeVLLM) -> None:
+    import openai
+
+    fake.reset()
+    oa = openai.OpenAI(base_url=router.url + "/v1", api_key="none")
+    r = oa.chat.completions.create(model="clever", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+    assert r.choices[0].message.content == "w0 w1 " and r.model == "smart:latest"
+    assert fake.last()["model"] == "smart:latest"  # the alias was rewritten to the served name
+    stream = oa.chat.completions.create(model="smart:latest", messages=[{"role": "user", "content": "x"}],
+                                        max_tokens=3, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "w0 w1 w2 "
+    assert oa.completions.create(model="plain", prompt="x", max_tokens=1).choices[0].text == "w0 "
+    emb = oa.embeddings.create(model="embedder", input=["a"])
+    assert emb.data[0].embedding == [2.0, 2.0, 2.0, 1.0]
+    assert {m.id for m in oa.models.list().data} == {"smart:latest", "plain:latest", "embedder:latest",
+                                                      "gone:latest"}
+    assert oa.models.retrieve("clever").id == "smart:latest"
+    with pytest.raises(openai.NotFoundError):
+        oa.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    fake.push(error(400, "bad request from vLLM"))
+    with pytest.raises(openai.BadRequestError, match="bad request from vLLM"):
+        oa.chat.completions.create(model="smart", messages=[{"role": "user", "content": "x"}])
+
+
+def test_pass_through_errors_are_openai_shaped(router: RouterThread) -> None:
+    r = post(router, "/v1/chat/completions", content=b"")
+    assert r.status_code == 400 and r.json()["error"]["message"] == "missing request body"
+    r = post(router, "/v1/chat/completions", {"messages": []})
+    assert r.status_code == 400 and r.json()["error"]["message"] == "model is required"
+    r = post(router, "/v1/chat/completions", {"model": "nope", "messages": []})
+    assert r.status_code == 404 and r.json()["error"] == {"message": "The model `nope` does not exist.",
+                                                          "type": "NotFoundError", "param": "model", "code": 404}
+    r = post(router, "/v1/messages", {"model": "nope", "messages": [], "max_tokens": 1})
+    assert r.status_code == 404 and r.json()["type"] == "error" and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_anthropic_client_through_the_pass_through(router: RouterThread, fake: FakeVLLM) -> None:
+    import anthropic
+
+    fake.reset()
+    client = anthropic.Anthropic(base_url=router.url, api_key="none")
+    msg = client.messages.create(model="clever", max_tokens=5, messages=[{"role": "user", "content": "hi"}])
+    assert msg.content[0].text == "w0 w1"
+    assert fake.last("/v1/messages")["model"] == "smart:latest"
+
+
+def test_pass_through_disconnect_cancels_upstream(router: RouterThread, fake: FakeVLLM) -> None:
+    fake.reset()
+    fake.push(slow(500, 0.02))
+    with httpx.stream("POST", router.url + "/v1/chat/completions",
+                      json={"model": "smart", "messages": [{"role": "user", "content": "x"}], "stream": True}) as r:
+        for n, _ in enumerate(r.iter_lines()):
+            if n == 4:
+                break
+    assert _wait(lambda: fake.disconnects == 1 and fake.running == 0), (fake.disconnects, fake.running)
+    assert _wait(lambda: router.fleet.runtimes["smart:latest"].inflight == 0)

@@ -1,0 +1,564 @@
+"""Every Ollama ⇄ OpenAI translation rule, both directions, with golden pairs.
+
+Requests: an Ollama request (as a client sends it) → the exact vLLM body.
+Responses: vLLM's own output, captured from vLLM 0.32 serving the tiny test
+model (tests/golden/*.sse|json: streams and bodies, logprobs, token ids, and a
+tool call forced with structured output under the hermes parser) → the exact
+Ollama lines. Reasoning ("thinking") cannot be captured with the tiny model,
+so those chunks are built in vLLM's documented shape (``delta.reasoning``).
+Every response is also parsed by the official ollama client's own models.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import ollama
+import pytest
+
+from router import translate as t
+from router import wire
+from router.translate import Target, Timing, TranslationError
+
+GOLDEN = Path(__file__).parent / "golden"
+M = Target(name="m:latest", max_model_len=1024, label="m")
+THINKER = Target(name="q:latest", max_model_len=4096, thinking=True, tools=True, label="q")
+EMBEDDER = Target(name="e:latest", embedding=True, label="e")
+VOLATILE = {"created_at", "total_duration", "load_duration", "prompt_eval_duration", "eval_duration"}
+
+
+def gen(**kw: Any) -> wire.GenerateRequest:
+    return msgspec.convert({"model": "m", **kw}, wire.GenerateRequest)
+
+
+def chat(**kw: Any) -> wire.ChatRequest:
+    return msgspec.convert({"model": "m", **kw}, wire.ChatRequest)
+
+
+def opts(**kw: Any) -> dict[str, Any]:
+    return t.sampling(msgspec.convert(kw, wire.Options), M)
+
+
+def sse(name: str) -> list[dict[str, Any]]:
+    events = []
+    for block in (GOLDEN / name).read_text().split("\n\n"):
+        line = block.strip()
+        if line.startswith("data: ") and line != "data: [DONE]":
+            events.append(json.loads(line[6:]))
+    return events
+
+
+def golden(name: str) -> dict[str, Any]:
+    return json.loads((GOLDEN / name).read_text())
+
+
+def lines(state: Any, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Run vLLM events through a stream state as the service does; volatile fields dropped."""
+    out = []
+    for n, ev in enumerate(events):
+        c = state.chunk(ev, 1000 + n)
+        if c is not None:
+            out.append(c)
+    out.append(state.done(5000))
+    return [strip(msgspec.to_builtins(c)) for c in out]
+
+
+def strip(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in VOLATILE}
+
+
+# --- requests: generate ---------------------------------------------------------------
+
+
+def test_generate_goes_through_the_chat_template_as_system_and_user_messages() -> None:
+    call = t.generate_request(gen(prompt="Why is the sky blue?", system="Be brief.", stream=False,
+                                  options={"temperature": 0, "num_predict": 12}), M)
+    assert call.path == "/v1/chat/completions"
+    assert call.body == {
+        "model": "m:latest",
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}],
+        "return_token_ids": True, "temperature": 0.0, "max_tokens": 12, "stream": False,
+    }
+
+
+def test_generate_streams_by_default_and_asks_for_usage() -> None:
+    call = t.generate_request(gen(prompt="hi"), M)
+    assert call.body["stream"] is True
+    assert call.body["stream_options"] == {"include_usage": True}
+
+
+def test_raw_generate_goes_to_completions_as_is() -> None:
+    call = t.generate_request(gen(prompt="<s>[INST] hi [/INST]", raw=True, stream=False), M)
+    assert call.path == "/v1/completions"
+    assert call.body == {"model": "m:latest", "prompt": "<s>[INST] hi [/INST]", "stream": False}
+
+
+def test_raw_refuses_template_system_and_context() -> None:
+    for extra in ({"system": "s"}, {"template": "{{ .Prompt }}"}, {"context": [1, 2]}):
+        with pytest.raises(TranslationError, match="raw mode does not support template, system, or context"):
+            t.generate_request(gen(prompt="x", raw=True, **extra), M)
+
+
+def test_request_template_is_rendered_and_sent_to_completions() -> None:
+    call = t.generate_request(gen(prompt="hi", system="sys", stream=False,
+                                  template="{{ if .System }}S:{{ .System }}\n{{ end }}U:{{ .Prompt }}\nA:{{ .Response }}"),
+                              M)
+    assert call.path == "/v1/completions"
+    assert call.body["prompt"] == "S:sys\nU:hi\nA:"
+    assert call.body["return_token_ids"] is True  # templated: the answer carries `context`
+
+
+def test_template_features_beyond_the_subset_are_refused() -> None:
+    with pytest.raises(TranslationError, match="Go template features"):
+        t.render_template("{{ range .Messages }}{{ .Content }}{{ end }}", None, "x")
+    assert t.render_template("{{- if .System }}<<{{ .System }}>>{{ end }}{{ .Prompt }}", None, "p") == "p"
+
+
+def test_context_continuation_is_a_token_prompt() -> None:
+    tok = t.tokenize_request(gen(prompt="and then?", system="s", context=[1, 5, 6]), M)
+    assert tok.path == "/tokenize"
+    assert tok.body == {"model": "m:latest", "add_generation_prompt": True,
+                        "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "and then?"}]}
+    ids = t.context_prompt([1, 5, 6], [1, 9, 10])  # the new turn's BOS is not repeated
+    assert ids == [1, 5, 6, 9, 10]
+    call = t.generate_request(gen(prompt="and then?", context=[1, 5, 6], stream=False), M, ids)
+    assert call.path == "/v1/completions"
+    assert call.body["prompt"] == [1, 5, 6, 9, 10]
+    assert call.body["return_token_ids"] is True
+
+
+def test_suffix_is_refused_as_ollama_does_for_models_without_insert() -> None:
+    with pytest.raises(TranslationError, match='"m" does not support insert'):
+        t.generate_request(gen(prompt="def f(", suffix="return 1"), M)
+
+
+def test_images_become_data_urls_and_bad_base64_is_a_400() -> None:
+    png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+    call = t.generate_request(gen(prompt="what is this?", images=[png]), M)
+    assert call.body["messages"][0]["content"] == [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
+    ]
+    with pytest.raises(TranslationError, match="illegal base64 data"):
+        t.generate_request(gen(prompt="x", images=["not base64!"]), M)
+
+
+def test_embedding_models_do_not_generate_or_chat() -> None:
+    with pytest.raises(TranslationError, match='"e" does not support generate'):
+        t.generate_request(gen(prompt="x"), EMBEDDER)
+    with pytest.raises(TranslationError, match='"e" does not support chat'):
+        t.chat_request(chat(messages=[{"role": "user", "content": "x"}]), EMBEDDER)
+
+
+# --- requests: options ------------------------------------------------------------------
+
+
+def test_every_sampling_option_maps_to_vllm() -> None:
+    assert opts(temperature=0.7, top_p=0.9, top_k=40, min_p=0.05, seed=42, stop=["\n", "User:"], num_predict=100,
+                repeat_penalty=1.1, presence_penalty=0.5, frequency_penalty=-0.5) == {
+        "temperature": 0.7, "top_p": 0.9, "top_k": 40, "min_p": 0.05, "seed": 42, "stop": ["\n", "User:"],
+        "max_tokens": 100, "repetition_penalty": 1.1, "presence_penalty": 0.5, "frequency_penalty": -0.5,
+    }
+
+
+@pytest.mark.parametrize(("num_predict", "expected"), [(7, {"max_tokens": 7}), (-1, {}), (-2, {}), (0, {}),
+                                                       (5000, {"max_tokens": 1024}), (3.9, {"max_tokens": 3})])
+def test_num_predict(num_predict: float, expected: dict[str, Any]) -> None:
+    # -1 no limit, -2 fill the context: both are vLLM's default (the rest of the context).
+    # Above the served context, vLLM would refuse; Ollama stops at the context's end.
+    assert opts(num_predict=num_predict) == expected
+
+
+def test_ollama_sentinels_mean_the_vllm_default() -> None:
+    assert opts(seed=-1) == {}  # random
+    assert opts(top_k=0) == {"top_k": 0}  # all tokens, as vLLM spells it
+    assert opts(top_p=0) == {"top_p": 1.0}
+    assert opts(repeat_penalty=0) == {}
+
+
+def test_options_vllm_cannot_honour_are_accepted_and_ignored() -> None:
+    ignored = {"num_gpu": 99, "main_gpu": 0, "num_thread": 8, "num_batch": 512, "num_keep": 4, "use_mmap": True,
+               "mirostat": 2, "mirostat_tau": 5.0, "mirostat_eta": 0.1, "typical_p": 0.9, "tfs_z": 1.0,
+               "repeat_last_n": 64, "penalize_newline": True, "low_vram": False, "numa": False, "f16_kv": True,
+               "some_future_option": "x"}
+    assert opts(**ignored) == {}
+    assert set(ignored) - {"some_future_option"} <= t.IGNORED_OPTIONS | {"use_mmap"}
+
+
+def test_num_ctx_above_the_served_context_is_a_clear_400() -> None:
+    assert opts(num_ctx=1024) == {}
+    assert opts(num_ctx=512) == {}
+    with pytest.raises(TranslationError, match=r"num_ctx 8192 exceeds the context length m is served with \(1024\)"):
+        opts(num_ctx=8192)
+
+
+@pytest.mark.parametrize(("option", "value"), [("temperature", -1), ("top_p", 1.5), ("min_p", 2),
+                                               ("presence_penalty", 3), ("repeat_penalty", -1)])
+def test_out_of_range_options_are_400s_naming_the_option(option: str, value: float) -> None:
+    with pytest.raises(TranslationError, match=f'option "{option}"'):
+        opts(**{option: value})
+
+
+def test_wrong_option_types_fail_decoding() -> None:
+    with pytest.raises(msgspec.ValidationError, match="Expected `array | null`, got `str`"):
+        msgspec.convert({"stop": "x"}, wire.Options)  # Ollama: stop must be an array
+
+
+# --- requests: format, think, logprobs -------------------------------------------------------
+
+
+def test_format_json_and_schema() -> None:
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]}
+    assert t.generate_request(gen(prompt="x", format="json"), M).body["response_format"] == {"type": "json_object"}
+    assert t.chat_request(chat(messages=[{"role": "user", "content": "x"}], format=schema), M).body[
+        "response_format"] == {"type": "json_schema", "json_schema": {"name": "format", "schema": schema,
+                                                                     "strict": True}}
+    assert "response_format" not in t.generate_request(gen(prompt="x", format=""), M).body
+    with pytest.raises(TranslationError, match="invalid format"):
+        t.generate_request(gen(prompt="x", format="yaml"), M)
+
+
+def test_think() -> None:
+    def body(think: Any, target: Target = THINKER) -> dict[str, Any]:
+        b = t.chat_request(chat(messages=[{"role": "user", "content": "x"}], think=think), target).body
+        return {k: b[k] for k in ("chat_template_kwargs", "reasoning_effort", "include_reasoning") if k in b}
+
+    assert body(None) == {}  # the model's default: a thinking model thinks
+    assert body(True) == {"chat_template_kwargs": {"enable_thinking": True, "thinking": True}}
+    assert body("high") == {"chat_template_kwargs": {"enable_thinking": True, "thinking": True},
+                            "reasoning_effort": "high"}
+    assert body(False) == {"chat_template_kwargs": {"enable_thinking": False, "thinking": False},
+                           "include_reasoning": False}
+    assert body(False, M) == {}  # false is accepted by any model
+    with pytest.raises(TranslationError, match='"m" does not support thinking'):
+        body(True, M)
+    with pytest.raises(TranslationError, match='invalid think value: "loud"'):
+        body("loud")
+
+
+def test_logprobs() -> None:
+    c = t.chat_request(chat(messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=3), M)
+    assert (c.body["logprobs"], c.body["top_logprobs"]) == (True, 3)
+    g = t.generate_request(gen(prompt="x", raw=True, logprobs=True, top_logprobs=2), M)
+    assert g.body["logprobs"] == 2  # completions: the number of top logprobs
+    assert "logprobs" not in t.generate_request(gen(prompt="x", top_logprobs=2), M).body
+    with pytest.raises(TranslationError, match="top_logprobs must be between 0 and 20"):
+        t.chat_request(chat(messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=21), M)
+
+
+# --- requests: chat, tools ---------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+
+
+def test_chat_golden_with_a_tool_round_trip() -> None:
+    """The history the ollama client sends after running a tool → OpenAI's shape, results matched to calls."""
+    req = chat(stream=False, tools=[WEATHER], options={"seed": 1}, messages=[
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Weather in Tokyo and Paris?"},
+        {"role": "assistant", "content": "", "thinking": "Two cities: two calls.", "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": {"city": "Tokyo"}}},
+            {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "sunny", "tool_name": "get_weather"},
+        {"role": "tool", "content": "rain", "tool_name": "get_weather"},
+        {"role": "USER", "content": "Thanks"},
+    ])
+    call = t.chat_request(req, THINKER)
+    assert call.path == "/v1/chat/completions"
+    assert call.body == {
+        "model": "q:latest",
+        "messages": [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Weather in Tokyo and Paris?"},
+            {"role": "assistant", "content": "", "reasoning": "Two cities: two calls.", "tool_calls": [
+                {"id": "call_000000000", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city":"Tokyo"}'}},
+                {"id": "call_000000001", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
+            {"role": "tool", "content": "sunny", "tool_call_id": "call_000000000", "name": "get_weather"},
+            {"role": "tool", "content": "rain", "tool_call_id": "call_000000001", "name": "get_weather"},
+            {"role": "user", "content": "Thanks"},
+        ],
+        "tools": [WEATHER],
+        "seed": 1, "stream": False,
+    }
+
+
+def test_tool_results_match_their_calls() -> None:
+    def ids(messages: list[dict[str, Any]]) -> list[str | None]:
+        body = t.chat_request(chat(messages=messages), THINKER).body
+        return [m.get("tool_call_id") for m in body["messages"] if m["role"] == "tool"]
+
+    calls = {"role": "assistant", "tool_calls": [
+        {"id": "chatcmpl-tool-a", "function": {"name": "a", "arguments": {}}},
+        {"id": "chatcmpl-tool-b", "function": {"name": "b", "arguments": "{\"x\": 1}"}}]}
+    # By name, whatever the order; vLLM's ids are kept when the client sends them back.
+    assert ids([calls, {"role": "tool", "content": "B", "tool_name": "b"},
+                {"role": "tool", "content": "A", "tool_name": "a"}]) == ["chatcmpl-tool-b", "chatcmpl-tool-a"]
+    # No name: the oldest unanswered call.
+    assert ids([calls, {"role": "tool", "content": "1"}, {"role": "tool", "content": "2"}]) == [
+        "chatcmpl-tool-a", "chatcmpl-tool-b"]
+    # An explicit id wins.
+    assert ids([calls, {"role": "tool", "content": "B", "tool_call_id": "chatcmpl-tool-b", "tool_name": "a"}]) == [
+        "chatcmpl-tool-b"]
+    # A result nothing asked for keeps no id.
+    assert ids([{"role": "user", "content": "x"}, {"role": "tool", "content": "?", "tool_name": "a"}]) == [None]
+
+
+def test_generated_call_ids_are_stable_across_turns() -> None:
+    turn = [{"role": "user", "content": "x"},
+            {"role": "assistant", "tool_calls": [{"function": {"name": "a", "arguments": {}}}]},
+            {"role": "tool", "content": "1", "tool_name": "a"}]
+    first = t.chat_request(chat(messages=turn), THINKER).body["messages"]
+    later = t.chat_request(chat(messages=[*turn, {"role": "assistant", "content": "ok"},
+                                          {"role": "user", "content": "again"}]), THINKER).body["messages"]
+    assert later[:3] == first  # same prefix, so vLLM's prefix cache stays warm
+
+
+def test_tools_need_a_tool_parser() -> None:
+    with pytest.raises(TranslationError, match='"m" does not support tools'):
+        t.chat_request(chat(messages=[{"role": "user", "content": "x"}], tools=[WEATHER]), M)
+    # The ollama client always sends `tools: []`: that is no tools.
+    assert "tools" not in t.chat_request(chat(messages=[{"role": "user", "content": "x"}], tools=[]), M).body
+
+
+# --- responses: generate ----------------------------------------------------------------------
+
+
+def test_golden_chat_stream_as_generate() -> None:
+    state = t.GenerateStream("tiny", Timing(start=0, upstream=10), want_context=True)
+    assert lines(state, sse("chat_lp.sse")) == [
+        {"model": "tiny", "response": "", "done": False, "logprobs": [
+            {"token": "", "logprob": -5.848265171051025, "bytes": [], "top_logprobs": [
+                {"token": "", "logprob": -5.848265171051025, "bytes": []},
+                {"token": " t", "logprob": -5.981077671051025, "bytes": [32, 116]}]}]},
+        {"model": "tiny", "response": "", "done": False, "logprobs": [
+            {"token": "", "logprob": -5.958957195281982, "bytes": [], "top_logprobs": [
+                {"token": "", "logprob": -5.958957195281982, "bytes": []},
+                {"token": "", "logprob": -5.974582195281982, "bytes": []}]}]},
+        {"model": "tiny", "response": "", "done": True, "done_reason": "length",
+         "context": [1, 3, 89, 87, 266, 203, 652, 4, 203, 3, 316, 87, 833, 88, 203, 182, 165],
+         "prompt_eval_count": 15, "eval_count": 2},
+    ]
+
+
+def test_golden_chat_stream_text_and_usage() -> None:
+    state = t.GenerateStream("tiny", Timing(start=0, upstream=10))
+    assert lines(state, sse("chat.sse")) == [
+        {"model": "tiny", "response": "��xt", "done": False},
+        {"model": "tiny", "response": "", "done": True, "done_reason": "length", "prompt_eval_count": 15,
+         "eval_count": 3},
+    ]
+
+
+def test_golden_completion_stream_raw() -> None:
+    state = t.GenerateStream("tiny", Timing(start=0))
+    assert lines(state, sse("comp.sse")) == [
+        {"model": "tiny", "response": "2", "done": False},
+        {"model": "tiny", "response": "2", "done": False},
+        {"model": "tiny", "response": "", "done": True, "done_reason": "length", "prompt_eval_count": 2,
+         "eval_count": 2},
+    ]
+
+
+def test_golden_completion_logprobs_stream() -> None:
+    out = lines(t.GenerateStream("tiny", Timing(start=0)), sse("comp_lp.sse"))
+    assert out[0]["logprobs"] == [{"token": "2", "logprob": -5.687739372253418, "bytes": [50],
+                                   "top_logprobs": [{"token": "2", "logprob": -5.687739372253418, "bytes": [50]}]}]
+
+
+def test_golden_completion_whole_with_context_and_logprobs() -> None:
+    state = t.GenerateStream("tiny", Timing(start=0, upstream=1), want_context=True)
+    out = strip(msgspec.to_builtins(state.whole(golden("comp.json"), 100)))
+    assert out == {
+        "model": "tiny", "response": "22", "done": True, "done_reason": "length", "context": [1, 652, 22, 22],
+        "logprobs": [
+            {"token": "2", "logprob": -5.687739372253418, "bytes": [50], "top_logprobs": [
+                {"token": "2", "logprob": -5.687739372253418, "bytes": [50]},
+                {"token": "\u0010", "logprob": -6.054926872253418, "bytes": [16]}]},
+            {"token": "2", "logprob": -5.7956366539001465, "bytes": [50], "top_logprobs": [
+                {"token": "2", "logprob": -5.7956366539001465, "bytes": [50]},
+                {"token": " domestic", "logprob": -6.0846991539001465, "bytes": list(b" domestic")}]}],
+        "prompt_eval_count": 2, "eval_count": 2,
+    }
+
+
+def test_golden_chat_whole_as_generate() -> None:
+    out = strip(msgspec.to_builtins(t.GenerateStream("tiny", Timing(start=0)).whole(golden("chat.json"), 9)))
+    assert out == {"model": "tiny", "response": "��xt", "done": True, "done_reason": "length",
+                   "prompt_eval_count": 15, "eval_count": 3}
+
+
+def test_thinking_in_generate() -> None:
+    state = t.GenerateStream("q", Timing(start=0))
+    events = [{"choices": [{"index": 0, "delta": {"reasoning": "hmm"}, "finish_reason": None}]},
+              {"choices": [{"index": 0, "delta": {"content": "4"}, "finish_reason": "stop"}]},
+              {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}]
+    assert lines(state, events) == [
+        {"model": "q", "response": "", "thinking": "hmm", "done": False},
+        {"model": "q", "response": "4", "done": False},
+        {"model": "q", "response": "", "done": True, "done_reason": "stop", "prompt_eval_count": 3, "eval_count": 2},
+    ]
+
+
+# --- responses: chat -------------------------------------------------------------------------
+
+
+def test_golden_tool_call_stream() -> None:
+    """vLLM's hermes parser streams argument fragments; Ollama gets each call whole, as soon as complete."""
+    out = lines(t.ChatStream("tiny", Timing(start=0)), sse("tool.sse"))
+    weather_id = sse("tool.sse")[1]["choices"][0]["delta"]["tool_calls"][0]["id"]
+    time_id = next(e["choices"][0]["delta"]["tool_calls"][0]["id"] for e in sse("tool.sse")[2:]
+                   if e["choices"] and e["choices"][0]["delta"].get("tool_calls", [{}])[0].get("id"))
+    assert out == [
+        {"model": "tiny", "message": {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": {"city": "Tokyo"}, "index": 0}, "id": weather_id}]},
+         "done": False},
+        {"model": "tiny", "message": {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "get_time", "arguments": {}, "index": 1}, "id": time_id}]}, "done": False},
+        {"model": "tiny", "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "stop",
+         "prompt_eval_count": 280, "eval_count": 82},
+    ]
+
+
+def test_golden_tool_call_whole() -> None:
+    body = golden("tool.json")
+    out = strip(msgspec.to_builtins(t.ChatStream("tiny", Timing(start=0)).whole(body, 9)))
+    ids = [c["id"] for c in body["choices"][0]["message"]["tool_calls"]]
+    assert out == {
+        "model": "tiny", "message": {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": {"city": "Tokyo"}, "index": 0}, "id": ids[0]},
+            {"function": {"name": "get_time", "arguments": {}, "index": 1}, "id": ids[1]}]},
+        "done": True, "done_reason": "stop", "prompt_eval_count": 280, "eval_count": 94,
+    }
+    parsed = ollama.ChatResponse.model_validate(msgspec.to_builtins(t.ChatStream("t", Timing(0)).whole(body, 9)))
+    assert parsed.message.tool_calls[0].function.arguments == {"city": "Tokyo"}
+
+
+def test_golden_chat_stream_and_whole() -> None:
+    assert lines(t.ChatStream("tiny", Timing(start=0)), sse("chat.sse")) == [
+        {"model": "tiny", "message": {"role": "assistant", "content": "��xt"}, "done": False},
+        {"model": "tiny", "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "length",
+         "prompt_eval_count": 15, "eval_count": 3},
+    ]
+    whole = strip(msgspec.to_builtins(t.ChatStream("tiny", Timing(start=0)).whole(golden("chat_lp.json"), 9)))
+    assert whole["message"] == {"role": "assistant", "content": ""}
+    assert [lp["logprob"] for lp in whole["logprobs"]] == [-5.848265171051025, -5.958957195281982]
+
+
+def test_thinking_in_chat_and_malformed_arguments_kept() -> None:
+    events = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {"content": None, "reasoning": "Let me see"}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {"content": "Yes"}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "c1", "type": "function",
+                                                            "function": {"name": "f", "arguments": "{oops"}}]},
+                      "finish_reason": "tool_calls"}]},
+    ]
+    assert lines(t.ChatStream("q", Timing(start=0)), events) == [
+        {"model": "q", "message": {"role": "assistant", "content": "", "thinking": "Let me see"}, "done": False},
+        {"model": "q", "message": {"role": "assistant", "content": "Yes"}, "done": False},
+        {"model": "q", "message": {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "f", "arguments": {"arguments": "{oops"}, "index": 0}, "id": "c1"}]},
+         "done": False},
+        {"model": "q", "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "stop"},
+    ]
+
+
+def test_abort_is_an_error_not_a_silent_stop() -> None:
+    with pytest.raises(t.StreamAborted):
+        t.ChatStream("q", Timing(start=0)).chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": "abort"}]}, 1)
+
+
+# --- responses: metrics and wire conformance ---------------------------------------------------
+
+
+def test_durations_are_the_routers_or_vllms_own() -> None:
+    state = t.ChatStream("m", Timing(start=1_000, upstream=3_000))
+    state.chunk({"choices": [{"index": 0, "delta": {"content": "a"}, "finish_reason": None}]}, 10_000)
+    state.chunk({"choices": [{"index": 0, "delta": {"content": "b"}, "finish_reason": "stop"}]}, 15_000)
+    state.chunk({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2}}, 16_000)
+    done = state.done(20_000)
+    assert (done.total_duration, done.load_duration, done.prompt_eval_duration, done.eval_duration) == (
+        19_000, 2_000, 7_000, 5_000)
+    assert (done.prompt_eval_count, done.eval_count) == (4, 2)
+    # vLLM started with --enable-per-request-metrics reports its own prefill and decode times.
+    state = t.ChatStream("m", Timing(start=0))
+    state.chunk({"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2},
+                 "metrics": {"time_to_first_token_ms": 12.5, "generation_time_ms": 3.0}}, 1)
+    done = state.done(2)
+    assert (done.prompt_eval_duration, done.eval_duration) == (12_500_000, 3_000_000)
+
+
+def test_created_at_is_rfc3339_utc_with_nanoseconds_trimmed() -> None:
+    assert t.rfc3339(1_751_919_739_184_789_000) == "2025-07-07T20:22:19.184789Z"
+    assert t.rfc3339(1_751_919_739_000_000_000) == "2025-07-07T20:22:19Z"
+    assert t.rfc3339(1_751_919_739_000_000_001) == "2025-07-07T20:22:19.000000001Z"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,9})?Z", t.rfc3339())
+
+
+def test_zero_metrics_are_omitted_and_required_keys_kept() -> None:
+    c = wire.ChatChunk(model="m", created_at="x", message=wire.OutMessage(role="assistant", content=""), done=False)
+    assert msgspec.json.decode(msgspec.json.encode(c)) == {
+        "model": "m", "created_at": "x", "message": {"role": "assistant", "content": ""}, "done": False}
+    g = wire.GenerateChunk(model="m", created_at="x", response="", done=True, done_reason="stop", eval_count=3)
+    assert msgspec.json.decode(msgspec.json.encode(g)) == {
+        "model": "m", "created_at": "x", "response": "", "done": True, "done_reason": "stop", "eval_count": 3}
+
+
+def test_every_translated_response_parses_with_the_ollama_clients_models() -> None:
+    for c in lines(t.ChatStream("m", Timing(0)), sse("tool.sse")) + lines(t.ChatStream("m", Timing(0)),
+                                                                          sse("chat_lp.sse")):
+        ollama.ChatResponse.model_validate({**c, "created_at": t.rfc3339()})
+    for c in lines(t.GenerateStream("m", Timing(0), want_context=True), sse("chat_lp.sse")):
+        ollama.GenerateResponse.model_validate({**c, "created_at": t.rfc3339()})
+
+
+# --- embeddings ---------------------------------------------------------------------------------
+
+
+def test_embed_request_and_response() -> None:
+    req = msgspec.convert({"model": "e", "input": ["a", "b"], "dimensions": 2}, wire.EmbedRequest)
+    call = t.embed_request(req, EMBEDDER)
+    assert (call.path, call.body) == ("/v1/embeddings", {"model": "e:latest", "input": ["a", "b"],
+                                                          "truncate_prompt_tokens": -1})
+    no_trunc = msgspec.convert({"model": "e", "input": "a", "truncate": False}, wire.EmbedRequest)
+    assert t.embed_request(no_trunc, EMBEDDER).body == {"model": "e:latest", "input": ["a"]}
+    assert t.embed_inputs(msgspec.convert({"model": "e", "input": ""}, wire.EmbedRequest)) == []
+    body = {"data": [{"index": 1, "embedding": [0.0, 3.0, 4.0]}, {"index": 0, "embedding": [3.0, 4.0, 12.0]}],
+            "usage": {"prompt_tokens": 5}}
+    out = t.embed_response(body, "e", 2, {"total_duration": 7, "load_duration": 1})
+    assert out.embeddings == [[0.6, 0.8], [0.0, 1.0]]  # in input order, cut to 2, L2-normalised
+    assert (out.prompt_eval_count, out.total_duration, out.load_duration) == (5, 7, 1)
+    full = t.embed_response(body, "e", None, {})
+    assert math.isclose(sum(x * x for x in full.embeddings[0]), 1.0)
+    ollama.EmbedResponse.model_validate(msgspec.to_builtins(out))
+    with pytest.raises(TranslationError, match='"m" does not support embeddings'):
+        t.embed_request(req, M)
+
+
+def test_legacy_embeddings_are_not_normalised() -> None:
+    req = msgspec.convert({"model": "e", "prompt": "hello"}, wire.EmbeddingsRequest)
+    assert t.embeddings_request(req, EMBEDDER).body == {"model": "e:latest", "input": ["hello"],
+                                                        "truncate_prompt_tokens": -1, "use_activation": False}
+    out = t.embeddings_response({"data": [{"index": 0, "embedding": [3.0, 4.0]}]})
+    assert out.embedding == [3.0, 4.0]
+    ollama.EmbeddingsResponse.model_validate(msgspec.to_builtins(out))
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+def test_upstream_error_messages() -> None:
+    assert t.upstream_error_message(400, b'{"error":{"message":"bad temp","type":"BadRequestError","code":400}}') \
+        == "bad temp"
+    assert t.upstream_error_message(400, b'{"object":"error","message":"old style"}') == "old style"
+    assert t.upstream_error_message(500, b"Internal Server Error") == "Internal Server Error"
+    assert t.upstream_error_message(502, b"") == "upstream returned HTTP 502"
