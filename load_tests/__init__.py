@@ -1,0 +1,1 @@
+"""vLLama benchmark suite: `python -m load_tests.bench --help`."""

@@ -1,0 +1,99 @@
+"""The benchmark suite itself (load_tests/), exercised for a few seconds against its fake vLLM."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from load_tests import bench, client  # noqa: E402
+from load_tests.fake_upstream import FakeVLLM, Settings  # noqa: E402
+
+
+def test_overhead_mode_direct_writes_sensible_json(tmp_path: Path) -> None:
+    """`overhead --no-router --no-litellm`: the fake upstream alone, ~3 seconds of load."""
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, "-m", "load_tests.bench", "overhead", "--no-router", "--no-litellm",
+         "--seconds", "0.6", "--repeats", "1", "--levels", "1,20", "--latency-requests", "100",
+         "--stream-tokens", "64", "--rss-streams", "50", "--paced-rate", "40", "--paced-seconds", "0.5",
+         "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = list(out.glob("overhead-*.json"))
+    assert len(files) == 1, proc.stdout
+    doc = json.loads(files[0].read_text())
+    assert doc["mode"] == "overhead" and doc["machine"]["cores"] >= 1
+    lat = {(r["stream"]): r for r in doc["latency"]}
+    for stream in (False, True):
+        r = lat[stream]
+        assert r["target"] == "fake direct" and r["errors"] == 0 and r["requests"] == 100
+        assert r["tokens_per_req"] == 16  # forced count from the usage numbers
+        assert 0 < r["lat_p50_ms"] < 100 and 0 < r["ttft_p50_ms"] <= r["lat_p99_ms"]
+    thr = doc["throughput"]
+    assert [r["concurrency"] for r in thr] == [1, 20]
+    for r in thr:
+        assert r["errors"] == 0 and r["tokens_per_req"] == 64
+        # every token is one SSE event (+ the role and usage events): chunks ≈ tokens
+        assert r["chunks_s"] >= r["tok_s"] > 1000
+    rss = doc["rss"][0]
+    assert rss["streams"] == 50 and rss["errors"] == 0 and rss["offered_chunks_s"] == 2000
+    assert doc["summary"][0]["target"] == "fake direct"
+    png = files[0].with_suffix(".png")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert png.exists() and png.stat().st_size > 1000
+
+
+async def test_client_parses_both_apis_against_the_fake() -> None:
+    """The load client's numbers for every API shape: ollama-style parsing is checked on hand-made bodies."""
+    fake = FakeVLLM(Settings(model="m"))
+    port = await fake.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for endpoint in ("chat", "completions"):
+            for stream in (True, False):
+                t = client.Target("t", url, "openai", endpoint, "m")
+                b = await client.run_batch(t, 3, requests=7, max_tokens=5, stream=stream)
+                assert len(b.results) == 7 and b.wall > 0
+                for r in b.results:
+                    assert r.ok and r.status == 200 and r.output_tokens == 5 and r.prompt_tokens > 0, r
+                    assert r.ttft is not None and 0 < r.ttft <= r.latency
+                    if stream:  # role chunk (chat) + 5 tokens + usage + [DONE]
+                        assert r.chunks == 5 + 2 + (endpoint == "chat")
+        bad = client.Target("t", url + "/nope", "openai", "chat", "m")
+        b = await client.run_batch(bad, 1, requests=1, max_tokens=5, stream=False)
+        assert not b.results[0].ok and b.results[0].status == 404
+        row = bench.summarize([b])
+        assert row.errors == 1 and row.first_error
+    finally:
+        await fake.close()
+
+
+def test_parse_ollama_bodies() -> None:
+    enc = msgspec.json.encode
+    lines = b"".join(enc(x) + b"\n" for x in [
+        {"model": "m", "response": "a", "done": False},
+        {"model": "m", "response": "", "done": True, "eval_count": 9, "prompt_eval_count": 4},
+    ])
+    assert client.parse("ollama", True, lines, 2) == (9, 4, 2, None)
+    assert client.parse("ollama", False, enc({"done": True, "eval_count": 3, "prompt_eval_count": 1}), 0) \
+        == (3, 1, 1, None)
+    err = client.parse("ollama", True, enc({"response": "a"}) + b"\n" + enc({"error": "boom"}) + b"\n", 2)
+    assert err[3] == "boom"
+
+
+def test_stats() -> None:
+    assert bench.pct([], 50) is None
+    assert bench.pct([3.0], 99) == 3.0
+    assert bench.pct([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    assert bench.pct(list(map(float, range(101))), 99) == pytest.approx(99.0)
