@@ -6,11 +6,19 @@ as any client); `serve` and `check` read the registry themselves.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 import click
+import httpx
+from rich import box
 from rich.console import Console
+from rich.table import Table
 
 from . import __version__
 from . import config as config_mod
@@ -63,6 +71,248 @@ def check(config_path: str | None) -> None:
         where = m.url or cfg.source_path(m)
         aliases = f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""
         out.print(f"  {m.name}{aliases} ← {where}", markup=False, highlight=False)
+
+
+# --- commands that talk to a running server ----------------------------------------
+
+
+def _base_url(host: str | None) -> str:
+    """Like OLLAMA_HOST: `host[:port]` or a URL; default 127.0.0.1:11434."""
+    h = host or os.environ.get("VLLAMA_HOST") or os.environ.get("OLLAMA_HOST") or "127.0.0.1:11434"
+    if "://" not in h:
+        h = "http://" + h
+    scheme, rest = h.split("://", 1)
+    if ":" not in rest.split("/")[0]:
+        rest = rest.split("/")[0] + ":11434"
+    return f"{scheme}://{rest.rstrip('/')}"
+
+
+class Api:
+    """The running router's HTTP API, with errors turned into one clear line."""
+
+    def __init__(self, host: str | None) -> None:
+        self.base = _base_url(host)
+        self.client = httpx.Client(base_url=self.base, timeout=httpx.Timeout(30.0, read=None))
+
+    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            r = self.client.request(method, path, **kw)
+        except httpx.ConnectError:
+            _fail(f"cannot reach vllama at {self.base}: is `vllama serve` running? (--host or $VLLAMA_HOST)")
+        if r.status_code >= 400:
+            try:
+                msg = r.json().get("error") or r.text
+            except ValueError:
+                msg = r.text
+            _fail(f"{msg} (HTTP {r.status_code})")
+        return r
+
+    def stream(self, method: str, path: str, **kw: Any) -> Iterator[httpx.Response]:
+        try:
+            with self.client.stream(method, path, **kw) as r:
+                if r.status_code >= 400:
+                    r.read()
+                    try:
+                        msg = r.json().get("error") or r.text
+                    except ValueError:
+                        msg = r.text
+                    _fail(f"{msg} (HTTP {r.status_code})")
+                yield r
+        except httpx.ConnectError:
+            _fail(f"cannot reach vllama at {self.base}: is `vllama serve` running? (--host or $VLLAMA_HOST)")
+
+
+def _fail(message: str) -> NoReturn:
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    sys.exit(1)
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1024**3:.1f} GiB"
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    d, h, m = s // 86400, s % 86400 // 3600, s % 3600 // 60
+    if d:
+        return f"{d}d{h}h"
+    if h:
+        return f"{h}h{m}m"
+    return f"{m}m{s % 60}s" if m else f"{s}s"
+
+
+STATE_STYLE = {"ready": "green", "starting": "yellow", "restarting": "yellow", "unhealthy": "magenta",
+               "failed": "bold red", "stopped": "dim"}
+
+host_option = click.option("--host", envvar="VLLAMA_HOST", help="vllama server (default 127.0.0.1:11434)")
+json_option = click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+
+
+def _table(title: str, columns: list[str], rows: list[list[str]], styles: list[str | None] | None = None) -> None:
+    """A rich table on a terminal; tab-separated plain text when piped."""
+    out = Console()
+    if not out.is_terminal:
+        click.echo("\t".join(columns))
+        for r in rows:
+            click.echo("\t".join(r))
+        return
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    for c in columns:
+        t.add_column(c, no_wrap=True)
+    for i, r in enumerate(rows):
+        t.add_row(*r, style=(styles[i] if styles else None))
+    out.print(t)
+
+
+@cli.command()
+@host_option
+@json_option
+def ps(host: str | None, as_json: bool) -> None:
+    """Every model: state, uptime, port, PID, memory vs budget, requests, restarts."""
+    models = Api(host).request("GET", "/vllama/models").json()
+    if as_json:
+        click.echo(json.dumps(models, indent=2))
+        return
+    rows, styles = [], []
+    for m in models:
+        mem = f"{_gib(m.get('memory_used'))} / {_gib(m.get('memory_budget'))}"
+        if m.get("overrun"):
+            mem += " OVER"
+        reqs = f"{m.get('vllm_running', '-') if m.get('vllm_running') is not None else '-'}/" \
+               f"{m.get('vllm_waiting') if m.get('vllm_waiting') is not None else '-'}"
+        rows.append([m["name"], m["state"], _ago(m.get("uptime")), str(m.get("port") or m.get("url") or "-"),
+                     str(m.get("pid") or "-"), ",".join(m.get("devices", [])) or "-", mem, reqs,
+                     str(m.get("queued", 0)), str(m.get("restarts", 0)), m.get("reason", "")])
+        styles.append(STATE_STYLE.get(m["state"]))
+    _table("models", ["NAME", "STATE", "UPTIME", "PORT", "PID", "DEVICES", "MEMORY / BUDGET",
+                      "RUN/WAIT", "QUEUED", "RESTARTS", "REASON"], rows, styles)
+
+
+@cli.command("list")
+@host_option
+@json_option
+def list_(host: str | None, as_json: bool) -> None:
+    """The registry's models, with what is downloaded (like `ollama list`)."""
+    models = Api(host).request("GET", "/api/tags").json()["models"]
+    if as_json:
+        click.echo(json.dumps(models, indent=2))
+        return
+    rows = [[m["name"], (m.get("digest") or "")[:12], _gib(m.get("size")) if m.get("size") else "-",
+             m.get("modified_at", "")[:19].replace("T", " ")] for m in models]
+    _table("registry", ["NAME", "ID", "SIZE", "MODIFIED"], rows)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-n", "--lines", default=100, show_default=True, help="lines from the end")
+@click.option("-f", "--follow", is_flag=True, help="keep printing what the model logs")
+@host_option
+def logs(model: str, lines: int, follow: bool, host: str | None) -> None:
+    """The model's vLLM log."""
+    api = Api(host)
+    try:
+        for r in api.stream("GET", f"/vllama/models/{model}/logs", params={"lines": lines, "follow": follow}):
+            for chunk in r.iter_bytes():
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+
+
+def _control(action: str, model: str, host: str | None, as_json: bool, wait: bool) -> None:
+    api = Api(host)
+    status = api.request("POST", f"/vllama/models/{model}/{action}").json()
+    if wait and action != "stop":
+        deadline = time.monotonic() + 900
+        while status["state"] not in ("ready", "failed") and time.monotonic() < deadline:
+            time.sleep(1)
+            status = api.request("GET", f"/vllama/models/{model}").json()
+    if as_json:
+        click.echo(json.dumps(status, indent=2))
+    else:
+        style = STATE_STYLE.get(status["state"], "")
+        Console().print(f"{status['name']}: [{style}]{status['state']}[/] ({status['reason']})", highlight=False)
+    if status["state"] == "failed":
+        sys.exit(1)
+
+
+control_options = [click.argument("model"), host_option, json_option,
+                   click.option("--no-wait", is_flag=True, help="return without waiting for ready")]
+
+
+def _with(options: list[Callable[..., Any]]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return wrap
+
+
+@cli.command()
+@_with(control_options)
+def start(model: str, host: str | None, as_json: bool, no_wait: bool) -> None:
+    """Start a model (the others keep serving)."""
+    _control("start", model, host, as_json, wait=not no_wait)
+
+
+@cli.command()
+@_with(control_options)
+def stop(model: str, host: str | None, as_json: bool, no_wait: bool) -> None:
+    """Stop a model (the others keep serving)."""
+    _control("stop", model, host, as_json, wait=False)
+
+
+@cli.command()
+@_with(control_options)
+def restart(model: str, host: str | None, as_json: bool, no_wait: bool) -> None:
+    """Restart a model (the others keep serving)."""
+    _control("restart", model, host, as_json, wait=not no_wait)
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("prompt", required=False)
+@host_option
+def run(model: str, prompt: str | None, host: str | None) -> None:
+    """Chat with a model, like `ollama run`: one prompt, or an interactive session."""
+    api = Api(host)
+    history: list[dict[str, str]] = []
+
+    def ask(text: str) -> None:
+        history.append({"role": "user", "content": text})
+        reply = []
+        for r in api.stream("POST", "/api/chat", json={"model": model, "messages": history, "stream": True}):
+            for line in r.iter_lines():
+                if not line:
+                    continue
+                data = json.loads(line)
+                if "error" in data:
+                    _fail(data["error"])
+                piece = data.get("message", {}).get("content", "")
+                reply.append(piece)
+                click.echo(piece, nl=False)
+        click.echo()
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+    if prompt is not None:
+        ask(prompt)
+        return
+    if not sys.stdin.isatty():
+        ask(sys.stdin.read())
+        return
+    click.echo("Send a message (/bye to exit)")
+    while True:
+        try:
+            text = input(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            click.echo()
+            return
+        if text.strip() in ("/bye", "/exit"):
+            return
+        if text.strip():
+            ask(text)
 
 
 @cli.group()

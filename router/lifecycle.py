@@ -13,9 +13,11 @@ import asyncio
 import contextlib
 import logging
 import math
+import os
+import signal
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import Any
 import httpx
 
 from . import engine, supervisor
-from .config import Config, Model, parse_duration
+from .config import Config, Model, is_local_source, parse_duration
 from .supervisor import Supervisor
 from .upstream import Upstream
 
@@ -78,6 +80,13 @@ class Runtime:
     expires_at: float | None = None
     log_tail: list[str] = field(default_factory=list)
     wanted: bool = False
+    failed_starts: int = 0
+    """Exits since the last time it was ready (crash-loop detection)."""
+    queued: bool = False
+    """Asked to start, waiting for the start lock (another model is starting)."""
+    held: bool = False
+    """Stopped by an admin: requests get 503 until `vllama start` (no surprise restarts)."""
+    start_requested: float = 0.0
     changed: asyncio.Condition = field(default_factory=asyncio.Condition, repr=False)
 
     @property
@@ -106,6 +115,21 @@ class Lease:
         if not self._done:
             self._done = True
             self.fleet._release(self)
+
+
+def reap_group(pgid: int) -> None:
+    """Kill what is left of a vLLM server's process group once its leader is gone.
+
+    supervisord starts each program as a process-group leader and signals the
+    group when *it* stops a program, but when the API server dies on its own
+    (OOM, kill -9) its EngineCore and workers live on, holding the model's
+    memory. The group id is the dead leader's pid.
+    """
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+        log.warning("killed leftover processes of group %d", pgid)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def free_port(start: int, taken: set[int]) -> int:
@@ -175,10 +199,9 @@ class Fleet:
             self.runtimes[m.name] = self._runtime_for(m, None)
         if self.sup is not None:
             await self.sup.apply(self.programs())
-        boot = [rt for rt in self.runtimes.values() if rt.always and not rt.remote]
-        for rt in boot:
-            rt.wanted = True
-        self._spawn(self._start_in_order(boot))
+        for rt in self.runtimes.values():
+            if rt.always and not rt.remote:
+                await self.start_model(rt)
         self._monitor = asyncio.create_task(self._watch(), name="vllama-monitor")
 
     async def close(self) -> None:
@@ -192,7 +215,16 @@ class Fleet:
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            if isinstance(exc, ModelUnavailable):
+                log.warning("%s", exc)
+            else:
+                log.error("background task failed", exc_info=exc)
 
     # --- lookups -------------------------------------------------------------------
 
@@ -221,17 +253,18 @@ class Fleet:
         async with rt.changed:
             rt.changed.notify_all()
 
-    def _log_path(self, rt: Runtime) -> Path | None:
-        return self.sup.paths.log(rt.model.program) if self.sup else None
+    def log_path(self, rt: Runtime) -> Path | None:
+        return self.sup.paths.log(rt.model.program) if self.sup and not rt.remote else None
 
-    def _read_tail(self, rt: Runtime) -> list[str]:
-        p = self._log_path(rt)
+    def log_tail(self, rt: Runtime) -> list[str]:
+        """The last lines of the model's vLLM log, kept for error messages."""
+        p = self.log_path(rt)
         rt.log_tail = supervisor.tail_file(p, LOG_TAIL_LINES) if p else []
         return rt.log_tail
 
     def failure_reason(self, rt: Runtime, what: str) -> str:
         """`what` plus the most telling line of the model's log (an error, else the last)."""
-        lines = self._read_tail(rt)
+        lines = self.log_tail(rt)
         markers = ("Error", "error", "OutOfMemory", "out of memory", "No such file", "not found", "Exception")
         telling = [ln.strip() for ln in lines if any(m in ln for m in markers)]
         detail = telling[-1] if telling else (lines[-1].strip() if lines else "")
@@ -261,15 +294,18 @@ class Fleet:
             return
         sstate = info["statename"] if info else "STOPPED"
         pid = info.get("pid") or None if info else None
+        if rt.pid is not None and pid != rt.pid:
+            reap_group(rt.pid)
+            if rt.state != State.STOPPED and await self._crashed(rt, f"process {rt.pid} exited"):
+                return
         if sstate in ("STARTING", "RUNNING"):
-            if rt.pid is not None and pid != rt.pid and rt.state != State.STOPPED:
-                rt.restarts += 1
             rt.pid = pid
             if rt.state in (State.STOPPED, State.RESTARTING, State.FAILED):
                 rt.started_at = None
                 await self._set(rt, State.STARTING, f"process {pid} started; waiting for /health")
             if await self._healthy(rt):
                 if rt.state != State.READY and await self._serves_name(rt):
+                    rt.failed_starts = 0
                     await self._set(rt, State.READY, f"process {pid} answers /health")
             elif rt.state == State.READY:
                 await self._set(rt, State.UNHEALTHY, "process lives but /health fails")
@@ -277,17 +313,46 @@ class Fleet:
             rt.pid = None
             if sstate == "EXITED" and info and info.get("exitstatus") == 0 and not rt.wanted:
                 await self._set(rt, State.STOPPED, "exited")
-            elif rt.state != State.RESTARTING:
-                await self._set(rt, State.RESTARTING,
-                                self.failure_reason(rt, f"process exited ({info.get('description', '') if info else ''})"))
+            elif rt.state not in (State.RESTARTING, State.FAILED):
+                desc = info.get("description", "") if info else ""
+                await self._crashed(rt, f"process exited ({desc})")
         elif sstate == "FATAL":
             rt.pid = None
             if rt.state != State.FAILED:
                 await self._set(rt, State.FAILED, self.failure_reason(rt, "gave up restarting"))
         else:  # STOPPED, STOPPING, UNKNOWN
             rt.pid = None
+            if rt.queued or (rt.wanted and time.monotonic() - rt.start_requested < 5):
+                return  # we just asked supervisord to start it; its view has not caught up
             if rt.state not in (State.STOPPED, State.FAILED):
                 await self._set(rt, State.STOPPED, "stopped")
+
+    async def _crashed(self, rt: Runtime, what: str) -> bool:
+        """Count a crash; give up (stop, `failed`) after `startretries` crashes before ready.
+
+        supervisord only counts exits within `startsecs` as failed starts, but vLLM
+        fails late (a bad checkpoint, out of memory while profiling), so without
+        this a model that can never start would be restarted forever.
+        """
+        rt.restarts += 1
+        if rt.state == State.STARTING:
+            rt.failed_starts += 1
+        if rt.failed_starts > self.config.engine.startretries:
+            rt.wanted = False
+            await self._set(rt, State.FAILED, self.failure_reason(
+                rt, f"exited {rt.failed_starts} times before it was ready; gave up"))
+            if self.sup is not None:
+                await self.sup.stop(rt.model.program)
+            return True
+        await self._set(rt, State.RESTARTING, self.failure_reason(rt, what))
+        return False
+
+    async def suspect(self, rt: Runtime) -> None:
+        """A request could not reach `rt`: look at it now rather than at the next tick."""
+        infos = await self.sup.processes() if self.sup is not None else {}
+        await self._observe(rt, infos.get(rt.model.program))
+        if rt.state == State.READY and not await self._healthy(rt):
+            await self._set(rt, State.UNHEALTHY, "a request could not connect")
 
     async def refresh(self) -> None:
         """One look at every model (the monitor does this every second)."""
@@ -315,11 +380,6 @@ class Fleet:
 
     # --- starting and stopping -----------------------------------------------------------
 
-    async def _start_in_order(self, runtimes: Iterable[Runtime]) -> None:
-        for rt in runtimes:
-            with contextlib.suppress(ModelUnavailable):
-                await self._start_and_wait(rt, self.config.server.cold_start_timeout)
-
     async def _start_and_wait(self, rt: Runtime, timeout: float) -> None:
         """Start `rt` and hold the start lock until it is ready or failed."""
         if self.sup is None or rt.remote:
@@ -327,10 +387,26 @@ class Fleet:
         async with self._start_lock:
             if not rt.wanted or rt.state == State.READY:
                 return
-            if rt.state in (State.STOPPED, State.FAILED):
+            problem = self._cannot_start(rt)
+            if problem:
+                rt.queued = False
+                await self._set(rt, State.FAILED, problem)
+                return
+            if rt.queued or rt.state in (State.STOPPED, State.FAILED):
+                rt.queued = False
+                rt.start_requested = time.monotonic()
                 await self._set(rt, State.STARTING, "starting")
                 await self.sup.start(rt.model.program)
             await self._wait_state(rt, timeout)
+
+    def _cannot_start(self, rt: Runtime) -> str | None:
+        """A reason known before launching (vLLM would take many seconds to say the same)."""
+        if is_local_source(rt.model.source):
+            path = Path(self.config.source_path(rt.model))
+            if not (path / "config.json").is_file():
+                what = "does not exist" if not path.exists() else "has no config.json"
+                return f"model source {path} {what}"
+        return None
 
     async def _wait_state(self, rt: Runtime, timeout: float) -> None:
         def settled() -> bool:
@@ -345,28 +421,35 @@ class Fleet:
                 f'model "{rt.name}" is still {rt.state.value} after {timeout:.0f}s: {rt.reason}', retry_after=30
             ) from None
 
-    async def ensure_started(self, rt: Runtime) -> None:
+    async def start_model(self, rt: Runtime) -> None:
+        """Ask for `rt` to run; returns at once (requests and `vllama ps` see it start)."""
+        rt.held = False
         if rt.remote or rt.state == State.READY:
             return
         rt.wanted = True
-        if rt.state in (State.STOPPED, State.FAILED) and not self._start_lock.locked():
-            self._spawn(self._start_and_wait(rt, self.config.server.cold_start_timeout))
-        elif rt.state in (State.STOPPED, State.FAILED):
+        rt.failed_starts = 0
+        if rt.state in (State.STOPPED, State.FAILED) and not rt.queued:
+            rt.queued = True
+            await self._set(rt, State.STARTING, "waiting for its turn (models start one at a time)")
             self._spawn(self._start_and_wait(rt, self.config.server.cold_start_timeout))
 
-    async def stop_model(self, rt: Runtime, reason: str) -> None:
+    async def stop_model(self, rt: Runtime, reason: str, *, hold: bool = False) -> None:
+        """Stop `rt` (its whole process group). With `hold`, requests do not restart it."""
         if self.sup is None or rt.remote:
             return
         rt.wanted = False
+        rt.held = hold
         log.info("%s: stopping (%s)", rt.name, reason)
         await self.sup.stop(rt.model.program)
+        if rt.pid is not None:
+            reap_group(rt.pid)
         rt.pid = None
         await self._set(rt, State.STOPPED, reason)
 
     async def restart_model(self, rt: Runtime) -> None:
         await self.stop_model(rt, "restart requested")
         rt.wanted = True
-        await self.ensure_started(rt)
+        await self.start_model(rt)
 
     # --- requests --------------------------------------------------------------------
 
@@ -376,6 +459,8 @@ class Fleet:
         Raises ModelNotFound (404) or ModelUnavailable (503: failed, queue full, timeout).
         """
         rt = self.get(name)
+        if rt.held:
+            raise ModelUnavailable(f'model "{rt.name}" was stopped by an admin; `vllama start {rt.name}` serves it again')
         if rt.state != State.READY:
             if rt.state == State.FAILED and rt.wanted and not rt.always:
                 pass  # an on-demand model that failed may be retried by a new request
@@ -387,7 +472,7 @@ class Fleet:
                 )
             rt.waiting += 1
             try:
-                await self.ensure_started(rt)
+                await self.start_model(rt)
                 await self._wait_state(rt, self.config.server.cold_start_timeout)
             finally:
                 rt.waiting -= 1

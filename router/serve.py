@@ -18,13 +18,15 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import uvicorn
 
 from . import supervisor
+from .admin import admin_router
 from .app import create_app
 from .catalog import Catalog
 from .config import Config
-from .lifecycle import Fleet
+from .lifecycle import Fleet, Runtime
 from .service import OllamaService
 from .supervisor import Paths, Supervisor
 from .upstream import Timeouts, Upstream
@@ -40,6 +42,19 @@ class Options:
     attach: bool = False
     """Use the supervisord that runs us (top-level supervisord.conf) instead of starting one."""
     log_level: str = "info"
+
+
+def process_memory(rt: Runtime) -> tuple[int | None, int | None, list[str]]:
+    """CPU mode: resident memory of the model's process tree against its memory_gb budget."""
+    budget = int(rt.model.memory_gb * 1024**3) if rt.model.memory_gb else None
+    if not rt.pid:
+        return None, budget, ["cpu"]
+    try:
+        root = psutil.Process(rt.pid)
+        used = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+    except psutil.Error:
+        return None, budget, ["cpu"]
+    return used, budget, ["cpu"]
 
 
 def state_dir_for(config: Config, override: Path | None) -> Path:
@@ -72,7 +87,8 @@ async def run(config: Config, opts: Options) -> int:
 
     fleet = Fleet(config, sup, upstream, on_supervisor_lost=supervisor_lost)
     service = OllamaService(fleet, upstream)
-    app = create_app(service, Catalog(config), max_body_bytes=int(s.max_body_mb * 1024 * 1024))
+    app = create_app(service, Catalog(config), extra_routes=[admin_router(fleet, process_memory)],
+                     max_body_bytes=int(s.max_body_mb * 1024 * 1024))
 
     uv = uvicorn.Config(
         app,
@@ -101,6 +117,10 @@ async def run(config: Config, opts: Options) -> int:
             await sup.stop_all()
         else:
             await sup.shutdown()
+            # If supervisord died first, its vLLMs live on: never leave them holding memory.
+            leftovers = supervisor.kill_stale(paths.root)
+            if leftovers:
+                log.warning("stopped %d leftover processes: %s", len(leftovers), leftovers)
         await upstream.aclose()
     return 0
 

@@ -25,10 +25,12 @@ _encode = msgspec.json.Encoder().encode
 class UpstreamError(Exception):
     """vLLM answered with an error, or could not be reached / stopped mid-way."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, unreachable: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.unreachable = unreachable
+        """Nothing reached vLLM (connection refused): safe to retry once it is back."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class Timeouts:
 
 def _transport_error(exc: Exception, url: str) -> UpstreamError:
     if isinstance(exc, httpx.ConnectError):
-        return UpstreamError(502, f"cannot connect to the model server at {url}")
+        return UpstreamError(502, f"cannot connect to the model server at {url}", unreachable=True)
     if isinstance(exc, httpx.TimeoutException | TimeoutError):
         return UpstreamError(504, f"the model server at {url} timed out")
     if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):

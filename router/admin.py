@@ -1,0 +1,183 @@
+"""The admin API under ``/vllama``: what the CLI (`vllama ps`, `logs`, `start` …) talks to.
+
+Status is read from the fleet (states fed by supervisord and ``/health``) and,
+per request, from each vLLM's ``/metrics`` for its running and waiting
+requests, so `vllama ps` shows the engine's own queue next to the router's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import msgspec
+from litestar import Router, get, post
+from litestar.response import Stream
+
+from . import supervisor
+from .lifecycle import Fleet, ModelNotFound, Runtime, State
+from .service import ApiError
+
+#: (used bytes, budget bytes or None, devices) for a runtime; see `memory_usage`.
+Usage = Callable[[Runtime], tuple[int | None, int | None, list[str]]]
+
+
+class ModelStatus(msgspec.Struct):
+    """One model as `vllama ps --json` shows it; every key always present."""
+
+    name: str
+    state: str
+    reason: str
+    since: float
+    load: str
+    aliases: list[str] = []
+    uptime: float | None = None
+    port: int | None = None
+    pid: int | None = None
+    url: str | None = None
+    restarts: int = 0
+    inflight: int = 0
+    queued: int = 0
+    vllm_running: int | None = None
+    vllm_waiting: int | None = None
+    devices: list[str] = []
+    memory_used: int | None = None
+    memory_budget: int | None = None
+    overrun: bool = False
+    expires_at: float | None = None
+    log_tail: list[str] = []
+
+
+def _metric(text: str, name: str) -> int | None:
+    """Sum of a vLLM gauge over its label sets (one model per server, so one line)."""
+    total, seen = 0.0, False
+    for line in text.splitlines():
+        if line.startswith(name) and (len(line) == len(name) or line[len(name)] in " {"):
+            try:
+                total += float(line.rsplit(" ", 1)[1])
+                seen = True
+            except ValueError:
+                pass
+    return int(total) if seen else None
+
+
+async def _engine_queue(fleet: Fleet, rt: Runtime) -> tuple[int | None, int | None]:
+    if rt.state not in (State.READY, State.UNHEALTHY):
+        return None, None
+    try:
+        r = await fleet.upstream.get(rt.base_url, "/metrics", timeout=2.0)
+    except httpx.HTTPError:
+        return None, None
+    return _metric(r.text, "vllm:num_requests_running"), _metric(r.text, "vllm:num_requests_waiting")
+
+
+def _no_usage(_: Runtime) -> tuple[int | None, int | None, list[str]]:
+    return None, None, []
+
+
+async def model_status(fleet: Fleet, rt: Runtime, usage: Usage = _no_usage, *, tail: bool = False) -> ModelStatus:
+    running, waiting = await _engine_queue(fleet, rt)
+    used, budget, devices = usage(rt)
+    return ModelStatus(
+        name=rt.name,
+        state=rt.state.value,
+        reason=rt.reason,
+        since=rt.since,
+        load=rt.model.load,
+        aliases=list(rt.model.aliases),
+        uptime=time.time() - rt.started_at if rt.started_at else None,
+        port=rt.port,
+        pid=rt.pid,
+        url=rt.model.url,
+        restarts=rt.restarts,
+        inflight=rt.inflight,
+        queued=rt.waiting,
+        vllm_running=running,
+        vllm_waiting=waiting,
+        devices=devices,
+        memory_used=used,
+        memory_budget=budget,
+        overrun=bool(used and budget and used > budget),
+        expires_at=None if rt.expires_at is None or math.isinf(rt.expires_at) else rt.expires_at,
+        log_tail=fleet.log_tail(rt) if tail else [],
+    )
+
+
+def admin_router(fleet: Fleet, usage: Usage = _no_usage) -> Router:
+    def runtime(name: str) -> Runtime:
+        try:
+            return fleet.get(name)
+        except ModelNotFound:
+            raise ApiError(404, f'model "{name}" not found') from None
+
+    def local(rt: Runtime) -> Runtime:
+        if rt.remote:
+            raise ApiError(400, f'model "{rt.name}" is served by {rt.model.url}; vLLama does not control it')
+        return rt
+
+    @get("/models")
+    async def list_models() -> list[ModelStatus]:
+        return list(await asyncio.gather(*(model_status(fleet, rt, usage) for rt in fleet.runtimes.values())))
+
+    @get("/models/{name:str}")
+    async def show_model(name: str) -> ModelStatus:
+        return await model_status(fleet, runtime(name), usage, tail=True)
+
+    @post("/models/{name:str}/start", status_code=202)
+    async def start_model(name: str) -> ModelStatus:
+        rt = local(runtime(name))
+        await fleet.start_model(rt)
+        return await model_status(fleet, rt, usage)
+
+    @post("/models/{name:str}/stop", status_code=200)
+    async def stop_model(name: str) -> ModelStatus:
+        rt = local(runtime(name))
+        await fleet.stop_model(rt, "stopped by admin", hold=True)
+        return await model_status(fleet, rt, usage)
+
+    @post("/models/{name:str}/restart", status_code=202)
+    async def restart_model(name: str) -> ModelStatus:
+        rt = local(runtime(name))
+        await fleet.restart_model(rt)
+        return await model_status(fleet, rt, usage)
+
+    @get("/models/{name:str}/logs", media_type="text/plain")
+    async def logs(name: str, lines: int = 100, follow: bool = False) -> Stream:
+        rt = local(runtime(name))
+        path = fleet.log_path(rt)
+        if path is None:
+            raise ApiError(404, f'no log for model "{name}"')
+        return Stream(_follow(path, max(0, min(lines, 10_000)), follow), media_type="text/plain")
+
+    return Router(path="/vllama", route_handlers=[list_models, show_model, start_model, stop_model,
+                                                    restart_model, logs])
+
+
+async def _follow(path: Any, lines: int, follow: bool) -> AsyncIterator[bytes]:
+    """The last `lines` lines, then (with `follow`) whatever is appended, like ``tail -f``."""
+    for line in supervisor.tail_file(path, lines, max_bytes=max(256 * 1024, lines * 400)):
+        yield (line + "\n").encode()
+    if not follow:
+        return
+    try:
+        pos = path.stat().st_size
+    except OSError:
+        pos = 0
+    while True:
+        await asyncio.sleep(0.5)
+        try:
+            size = path.stat().st_size
+        except OSError:
+            continue
+        if size < pos:  # rotated
+            pos = 0
+        if size > pos:
+            with open(path, "rb") as f:
+                f.seek(pos)
+                data = f.read(size - pos)
+            pos = size
+            yield data
