@@ -28,3 +28,25 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_mode
     finally:
         srv.stop()
         assert state_processes(srv.state_dir) == [], "vLLM or supervisord processes outlived vllama serve"
+
+
+@pytest.fixture(scope="session")
+def embed_server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Server]:
+    """A second `vllama serve` with `tiny-embed`: the tiny model served with ``--runner pooling``.
+
+    Its own server, not a third model of `server`, so that `server` keeps exactly the two
+    models the skeleton tests count. Started only by the tests that embed (one more vLLM,
+    ~3 GB of RAM, while they run).
+    """
+    root = tmp_path_factory.mktemp("e2e-embed")
+    cfg = write_config(root / "models.yaml", [
+        {"name": "tiny-embed", "source": str(tiny_model), "max_model_len": 1024, "embedding": True},
+    ])
+    srv = Server(config_path=cfg, state_dir=root / "run", port=free_port())
+    srv.start()
+    try:
+        srv.wait_ready(["tiny-embed"])
+        yield srv
+    finally:
+        srv.stop()
+        assert state_processes(srv.state_dir) == [], "vLLM or supervisord processes outlived vllama serve"
