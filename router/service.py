@@ -229,13 +229,10 @@ class OllamaService:
             while batch is not None:
                 now = clock()
                 state.stamp = rfc3339()
-                out = b""
-                for data in batch:
-                    c = chunk(data, now)
-                    if c is not None:
-                        out += _encode(c) + b"\n"
-                if out:
-                    yield out
+                lines = [_encode(c) for data in batch if (c := chunk(data, now)) is not None]
+                if lines:
+                    lines.append(b"")
+                    yield b"\n".join(lines)
                 try:
                     batch = await anext(events)
                 except StopAsyncIteration:

@@ -24,6 +24,7 @@ Decisions worth knowing (each one is tested in tests/test_translate.py):
 * ``think``: only for models served with a reasoning parser; true/levels turn the
   template's thinking switch on (``enable_thinking``/``thinking``; levels also
   set ``reasoning_effort``), false turns it off and drops any reasoning text.
+  Unset means on for such a model, as in Ollama.
 * Tool calls keep vLLM's ids. A tool result without ``tool_call_id`` (the
   Ollama clients send only ``tool_name``) answers the earliest unanswered call
   of that name, or else the earliest unanswered call. Calls that arrive without
@@ -228,7 +229,8 @@ def _sniff_mime(b64: str) -> str:
 
 def _think(think: wire.Think, target: Target) -> dict[str, Any]:
     if think is None:
-        return {}  # the model's default: a thinking model thinks
+        # Ollama: a thinking model thinks unless told not to (some templates default to off).
+        think = target.thinking
     if isinstance(think, str):
         level = think.lower()
         if level in ("true", "false"):

@@ -228,7 +228,8 @@ def test_think() -> None:
         b = t.chat_request(chat(messages=[{"role": "user", "content": "x"}], think=think), target).body
         return {k: b[k] for k in ("chat_template_kwargs", "reasoning_effort", "include_reasoning") if k in b}
 
-    assert body(None) == {}  # the model's default: a thinking model thinks
+    assert body(None) == {"chat_template_kwargs": {"enable_thinking": True, "thinking": True}}  # on, as Ollama
+    assert body(None, M) == {}
     assert body(True) == {"chat_template_kwargs": {"enable_thinking": True, "thinking": True}}
     assert body("high") == {"chat_template_kwargs": {"enable_thinking": True, "thinking": True},
                             "reasoning_effort": "high"}
@@ -287,6 +288,7 @@ def test_chat_golden_with_a_tool_round_trip() -> None:
             {"role": "user", "content": "Thanks"},
         ],
         "tools": [WEATHER],
+        "chat_template_kwargs": {"enable_thinking": True, "thinking": True},  # think unset: on, as in Ollama
         "seed": 1, "stream": False,
     }
 
