@@ -188,7 +188,7 @@ def model_info(facts: Facts) -> dict[str, Any]:
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         v = cfg.get(key, text.get(key))
         if isinstance(v, int) and not isinstance(v, bool):
-            info[f"tokenizer.ggml.{key.removesuffix('_id')}_token_id"] = v
+            info[f"tokenizer.ggml.{key}"] = v
     return info
 
 
