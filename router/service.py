@@ -129,7 +129,10 @@ class OllamaService:
             except ModelNotFound as e:
                 raise ApiError(404, str(e)) from None
             if not rt.always and rt.state != State.STOPPED:
-                await self.fleet.stop_model(rt, "keep_alive 0")
+                if rt.inflight:
+                    rt.keep_alive = 0.0  # as in Ollama: unloaded when the requests in flight are done
+                else:
+                    await self.fleet.stop_model(rt, "keep_alive 0")
             return Reply(body=_encode(make("unload")))
         lease = await self._lease(name, keep_alive)
         lease.release()
