@@ -165,7 +165,7 @@ def test_chat_stream_token_by_token(client: ollama.Client) -> None:
     chunks = list(client.chat(model="tiny-b", messages=[{"role": "system", "content": "Be nice."},
                                                         {"role": "user", "content": "Hello"}],
                               stream=True, options={"temperature": 0, "num_predict": 20}))
-    assert 2 <= len(chunks) - 1 <= 20  # one line per chunk vLLM sent
+    assert 1 <= len(chunks) - 1 <= 20  # one line per chunk vLLM sent (it may send several tokens at once)
     assert all(c.message.role == "assistant" for c in chunks)
     final = chunks[-1]
     assert final.done and final.eval_count == 20 and final.message.content == ""
@@ -355,8 +355,10 @@ def settled(server: Server, model: str) -> float:
         last = now
 
 
-# A long generation: greedy (the tiny model then never emits EOS before the context is full),
-# with 20 top logprobs per token to slow vLLM down (alone it writes ~1000 tokens in 0.2-2 s).
+# A long generation: greedy (the tiny model then never emits EOS before the context is full), with
+# 20 top logprobs per token to slow vLLM down. Even so it writes the ~1000 tokens in 0.2-3 s, and
+# on this CPU build its first chunks sometimes leave only once it is done (its API server starved by
+# the engine): such a try shows nothing about cancellation and is repeated.
 LONG = {"model": "tiny-b", "logprobs": True, "top_logprobs": 20, "options": {"num_predict": 2000, "temperature": 0}}
 
 
@@ -372,23 +374,35 @@ def full_length(server: Server) -> int:
 
 
 def test_client_disconnect_stops_vllm(server: Server, full_length: int) -> None:
-    assert running(server, "tiny-b") == 0
-    before = settled(server, "tiny-b")
-    with httpx.stream("POST", server.url + "/api/chat", timeout=60, json={
-            **LONG, "messages": [{"role": "user", "content": "Go on"}]}) as r:
-        for n, _line in enumerate(r.iter_lines()):
-            if n == 3:
-                # vLLM's gauge can lag a step or two behind: poll it.
-                assert wait_for(lambda: running(server, "tiny-b") == 1, 3), "the generation is not running"
-                break
-    assert wait_for(lambda: running(server, "tiny-b") == 0, 3), "vLLM kept generating after the client left"
-    assert settled(server, "tiny-b") - before < full_length  # it stopped early: aborted, not finished
+    for _attempt in range(5):
+        assert wait_for(lambda: running(server, "tiny-b") == 0, 5)
+        before = settled(server, "tiny-b")
+        live = False
+        with httpx.stream("POST", server.url + "/api/chat", timeout=60, json={
+                **LONG, "messages": [{"role": "user", "content": "Go on"}]}) as r:
+            for n, _line in enumerate(r.iter_lines()):
+                if n == 3:
+                    live = generated(server, "tiny-b") - before < full_length - 20
+                    break
+        if not live:
+            continue  # vLLM had (nearly) finished before its first chunks came out: try again
+        assert wait_for(lambda: running(server, "tiny-b") == 0, 3), "vLLM kept generating after the client left"
+        made = settled(server, "tiny-b") - before
+        assert made < full_length, f"vLLM finished all {made} tokens: the request was not aborted"
+        return
+    pytest.fail("in 5 tries vLLM never streamed before it finished: cancellation could not be observed")
 
 
 def test_client_disconnect_during_a_non_streamed_request_stops_vllm(server: Server, full_length: int) -> None:
-    before = settled(server, "tiny-b")
-    with pytest.raises(httpx.TimeoutException):
-        httpx.post(server.url + "/api/chat", timeout=1.0, json={
-            **LONG, "stream": False, "messages": [{"role": "user", "content": "Go on"}]})
-    assert wait_for(lambda: running(server, "tiny-b") == 0, 3)
-    assert settled(server, "tiny-b") - before < full_length, "vLLM finished the generation nobody waited for"
+    for _attempt in range(5):
+        assert wait_for(lambda: running(server, "tiny-b") == 0, 5)
+        before = settled(server, "tiny-b")
+        try:
+            httpx.post(server.url + "/api/chat", timeout=0.5, json={
+                **LONG, "stream": False, "messages": [{"role": "user", "content": "Go on"}]})
+        except httpx.TimeoutException:
+            made = settled(server, "tiny-b") - before
+            assert made < full_length, f"vLLM finished all {made} tokens nobody waited for"
+            return
+        # Answered within the timeout: vLLM was too fast to show anything; try again.
+    pytest.fail("in 5 tries vLLM always answered within the timeout: cancellation could not be observed")
