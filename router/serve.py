@@ -18,7 +18,6 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import uvicorn
 
 from . import supervisor
@@ -26,7 +25,7 @@ from .admin import admin_router
 from .app import create_app
 from .catalog import Catalog
 from .config import Config
-from .lifecycle import Fleet, Runtime
+from .lifecycle import Fleet
 from .service import OllamaService
 from .supervisor import Paths, Supervisor
 from .upstream import Timeouts, Upstream
@@ -42,19 +41,6 @@ class Options:
     attach: bool = False
     """Use the supervisord that runs us (top-level supervisord.conf) instead of starting one."""
     log_level: str = "info"
-
-
-def process_memory(rt: Runtime) -> tuple[int | None, int | None, list[str]]:
-    """CPU mode: resident memory of the model's process tree against its memory_gb budget."""
-    budget = int(rt.model.memory_gb * 1024**3) if rt.model.memory_gb else None
-    if not rt.pid:
-        return None, budget, ["cpu"]
-    try:
-        root = psutil.Process(rt.pid)
-        used = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-    except psutil.Error:
-        return None, budget, ["cpu"]
-    return used, budget, ["cpu"]
 
 
 def state_dir_for(config: Config, override: Path | None) -> Path:
@@ -87,7 +73,7 @@ async def run(config: Config, opts: Options) -> int:
 
     fleet = Fleet(config, sup, upstream, on_supervisor_lost=supervisor_lost)
     service = OllamaService(fleet, upstream)
-    app = create_app(service, Catalog(config), extra_routes=[admin_router(fleet, process_memory)],
+    app = create_app(service, Catalog(config), extra_routes=[admin_router(fleet, fleet.memory)],
                      max_body_bytes=int(s.max_body_mb * 1024 * 1024))
 
     uv = uvicorn.Config(

@@ -472,8 +472,8 @@ def test_cpu_mode_fits_and_sets_kv_cache_space_in_whole_gib() -> None:
     p = plan(models({"name": "a", "memory_gb": 6.9, "max_model_len": 4096}), host, reserve_gb=2, facts=facts)
     a = p.placements["a:latest"]
     assert a.device == "cpu" and a.gpus == []
-    # 6.9 − 1.2 weights − 1.5 runtime = 4.2 → 4 whole GiB (vLLM parses the variable with int()).
-    assert a.env == {"VLLM_CPU_KVCACHE_SPACE": "4"}
+    # 6.9 − 1.2 weights − 2 runtime = 3.7 → 3 whole GiB (vLLM parses the variable with int()).
+    assert a.env == {"VLLM_CPU_KVCACHE_SPACE": "3"}
     assert a.vllm_args == []
     assert p.devices[0].free_after == int(24 * GiB - 2 * GiB - 4 * GiB - int(6.9 * GiB))
 
@@ -494,8 +494,8 @@ def test_cpu_budget_too_small_for_the_weights() -> None:
     facts = {"a:latest": ModelFacts(weights_bytes=3 * GiB, kv_bytes_per_token=1024)}
     (msg,) = plan(models({"name": "a", "memory_gb": 4, "max_model_len": 2048}), host, facts=facts).refused["a:latest"]
     assert msg == (
-        "a:latest needs ≥ 5.5 GiB of RAM for weights, budget is 4 GiB "
-        "(weights 3 GiB + KV cache 1 GiB for max_model_len 2048 + runtime 1.5 GiB)"
+        "a:latest needs ≥ 6 GiB of RAM for weights, budget is 4 GiB "
+        "(weights 3 GiB + KV cache 1 GiB for max_model_len 2048 + runtime 2 GiB)"
     )
 
 

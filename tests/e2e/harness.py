@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -109,8 +110,11 @@ def state_processes(state_dir: Path) -> list[psutil.Process]:
 
 
 def write_config(path: Path, models: list[dict[str, Any]], **sections: Any) -> Path:
+    # Each test server gets its own port range for its vLLMs: servers may overlap in time.
+    base_port = random.randrange(20000, 60000, 100)
     data = {
-        "engine": {"device": "cpu", "args": ["--enforce-eager"], "env": {"VLLM_CPU_KVCACHE_SPACE": "1"}},
+        "engine": {"device": "cpu", "args": ["--enforce-eager"], "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
+                   "base_port": base_port},
         "models": models,
         **sections,
     }

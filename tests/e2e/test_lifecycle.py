@@ -149,7 +149,7 @@ def test_vllm_that_cannot_load_fails_with_its_own_error(fleet: Server) -> None:
     r = generate(fleet, "broken")
     assert r.status_code == 503
     msg = r.json()["error"]
-    assert msg.startswith('model "broken" failed')
+    assert msg.startswith('model "broken:latest" failed')
     s = status(fleet, "broken")
     assert s["state"] == "failed"
     assert "NoSuchArchitecture" in msg or "NoSuchArchitecture" in "\n".join(s["log_tail"])
