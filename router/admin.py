@@ -13,14 +13,19 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from pathlib import Path
+
 import httpx
 import msgspec
-from litestar import Router, get, post
+from litestar import Response, Router, delete, get, post
 from litestar.response import Stream
 
-from . import supervisor
+from . import hub, supervisor, wire
+from .config import is_local_source
 from .lifecycle import Fleet, ModelNotFound, Runtime, State
 from .service import ApiError
+
+_encode = msgspec.json.Encoder().encode
 
 #: (used bytes, budget bytes or None, devices) for a runtime; see `memory_usage`.
 Usage = Callable[[Runtime], tuple[int | None, int | None, list[str]]]
@@ -105,6 +110,60 @@ async def model_status(fleet: Fleet, rt: Runtime, usage: Usage = _no_usage, *, t
         expires_at=None if rt.expires_at is None or math.isinf(rt.expires_at) else rt.expires_at,
         log_tail=fleet.log_tail(rt) if tail else [],
     )
+
+
+def library_routes(fleet: Fleet) -> list[Any]:
+    """``/api/pull`` and ``/api/delete``: the HF cache vLLM reads, in Ollama's shapes."""
+
+    @post("/api/pull", status_code=200)
+    async def pull(data: wire.ModelRequest) -> Response[Any] | Stream:
+        name = data.target
+        if not name:
+            raise ApiError(400, "model is required")
+        try:
+            target = hub.resolve_target(name, fleet.config)
+        except hub.PullError as e:
+            raise ApiError(e.status, e.message) from None
+        if target.local_dir is not None:
+            if not Path(target.local_dir).is_dir():
+                raise ApiError(404, f"{name}: source directory {target.local_dir} does not exist")
+            return Response({"status": "success"})
+        if data.stream is not False:
+            events = hub.pull_events(target.repo, target.revision)
+            return Stream((_encode(ev) + b"\n" async for ev in events), media_type="application/x-ndjson")
+        try:
+            async for _ in hub.pull_events(target.repo, target.revision, raise_errors=True):
+                pass
+        except hub.PullError as e:
+            raise ApiError(e.status, e.message) from None
+        return Response({"status": "success"})
+
+    @delete("/api/delete", status_code=200)
+    async def remove(data: wire.ModelRequest) -> None:
+        name = data.target
+        if not name:
+            raise ApiError(400, "model is required")
+        model = fleet.config.lookup(name)
+        if model is not None:
+            rt = fleet.runtimes.get(model.name)
+            if rt is not None and rt.state not in (State.STOPPED, State.FAILED):
+                raise ApiError(409, f'model "{model.name}" is {rt.state.value}; stop it first (`vllama stop {model.name}`)')
+            if is_local_source(model.source):
+                raise ApiError(400, f'model "{model.name}" is a local directory ({fleet.config.source_path(model)}); '
+                                    "vLLama does not delete it")
+            repo, revision = hub.parse_ref(model.source)
+            revision = model.revision or revision
+        else:
+            try:
+                repo, revision = hub.parse_ref(name)
+            except hub.PullError as e:
+                raise ApiError(e.status, e.message) from None
+        try:
+            await asyncio.to_thread(hub.delete, repo, revision)
+        except hub.PullError as e:
+            raise ApiError(e.status, e.message) from None
+
+    return [pull, remove]
 
 
 def admin_router(fleet: Fleet, usage: Usage = _no_usage) -> Router:

@@ -341,6 +341,58 @@ def run(model: str, prompt: str | None, host: str | None) -> None:
             ask(text)
 
 
+@cli.command()
+@click.argument("name")
+@click.option("--gguf", help="pull only this GGUF file of the repository")
+@click.option("--config", "config_path", envvar="VLLAMA_CONFIG", help=CONFIG_HELP)
+def pull(name: str, gguf: str | None, config_path: str | None) -> None:
+    """Download a model into the Hugging Face cache vLLM reads.
+
+    NAME is a model of the registry (its `source` is pulled) or a repo id
+    (`org/name[@revision]`). Interrupted pulls resume where they stopped.
+    """
+    from . import hub
+
+    cfg = None
+    try:
+        cfg = config_mod.load(config_path)
+    except config_mod.ConfigError:
+        pass  # a bare repo id needs no registry
+    try:
+        target = hub.resolve_target(name, cfg)
+        if target.local_dir is not None:
+            click.echo(f"{name} is served from the local directory {target.local_dir}: nothing to pull")
+            return
+        path = hub.render_pull(target.repo, target.revision, gguf, Console())
+    except hub.PullError as e:
+        _fail(e.message)
+    except KeyboardInterrupt:
+        _fail("interrupted; run the same command again to resume")
+    Console().print(f"[green]success[/] {path}", highlight=False)
+
+
+@cli.command()
+@click.argument("name")
+@host_option
+def rm(name: str, host: str | None) -> None:
+    """Remove a model's cached files (refused while the model is running)."""
+    from . import hub
+
+    api = Api(host)
+    try:
+        api.client.get("/")
+    except httpx.ConnectError:
+        # No server: nothing can be running from this cache through us.
+        try:
+            freed = hub.delete(*hub.parse_ref(name))
+        except hub.PullError as e:
+            _fail(e.message)
+        click.echo(f"deleted {name} ({hub.human_bytes(freed)} freed)")
+        return
+    api.request("DELETE", "/api/delete", json={"model": name})
+    click.echo(f"deleted {name}")
+
+
 @cli.group()
 def dev() -> None:
     """Helpers for development and tests."""

@@ -47,6 +47,10 @@ def vllm_argv(config: Config, model: Model, port: int, extra_args: Sequence[str]
 
 def vllm_env(config: Config, model: Model, extra_env: Mapping[str, str] | None = None) -> dict[str, str]:
     env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "PYTHONUNBUFFERED": "1"}
+    if not is_local_source(model.source):
+        # vLLama downloads (vllama pull, auto_pull); vLLM only reads the cache, so it
+        # never fetches files the pull left out on purpose, nor stalls on a dead network.
+        env["HF_HUB_OFFLINE"] = "1"
     env.update(config.engine.env)
     env.update(extra_env or {})
     env.update(model.env)

@@ -45,11 +45,13 @@ class State(StrEnum):
     UNHEALTHY = "unhealthy"
     RESTARTING = "restarting"
     FAILED = "failed"
+    MISSING = "missing"
+    """A Hub model not in the cache, with auto_pull off: `vllama pull` it."""
 
 
 class ModelNotFound(Exception):
-    def __init__(self, name: str) -> None:
-        super().__init__(f'model "{name}" not found, try pulling it first')
+    def __init__(self, name: str, detail: str | None = None) -> None:
+        super().__init__(f'model "{name}" not found, try pulling it first' + (f" ({detail})" if detail else ""))
         self.name = name
 
 
@@ -227,7 +229,10 @@ class Fleet:
         """Register every model with supervisord, start the `always` ones in order, watch them."""
         for m in self.config.models:
             self.runtimes[m.name] = self._runtime_for(m, None)
-        boot = [rt.model for rt in self.runtimes.values() if rt.always and not rt.remote]
+        # Place the `always` models together (best fit over all of them); one still to be
+        # downloaded is placed once its files, and so its size, are known.
+        boot = [rt.model for rt in self.runtimes.values()
+                if rt.always and not rt.remote and self.model_dir(rt.model) is not None]
         plan = await asyncio.to_thread(self._plan, boot)
         self.placements.update(plan.placements)
         for name, problems in plan.refused.items():
@@ -356,7 +361,7 @@ class Fleet:
             rt.pid = None
             if rt.queued or (rt.wanted and time.monotonic() - rt.start_requested < 5):
                 return  # we just asked supervisord to start it; its view has not caught up
-            if rt.state not in (State.STOPPED, State.FAILED):
+            if rt.state not in (State.STOPPED, State.FAILED, State.MISSING):
                 await self._set(rt, State.STOPPED, "stopped")
 
     async def _crashed(self, rt: Runtime, what: str) -> bool:
@@ -417,6 +422,9 @@ class Fleet:
         if self.sup is None or rt.remote:
             return
         deadline = time.monotonic() + timeout
+        if not await self._ensure_files(rt):
+            rt.queued = False
+            return
         while True:
             async with self._start_lock:
                 if not rt.wanted or rt.state == State.READY:
@@ -441,12 +449,46 @@ class Fleet:
                 return
             if self.sup is not None:
                 await self.sup.apply(self.programs())  # its program now carries its budget
-            if rt.queued or rt.state in (State.STOPPED, State.FAILED):
+            if rt.queued or rt.state in (State.STOPPED, State.FAILED, State.MISSING):
                 rt.queued = False
                 rt.start_requested = time.monotonic()
                 await self._set(rt, State.STARTING, "starting")
                 await self.sup.start(rt.model.program)
             await self._wait_state(rt, timeout)
+
+    async def _ensure_files(self, rt: Runtime) -> bool:
+        """Make sure a Hub model is in the cache: download it (auto_pull) or mark it missing.
+
+        Runs outside the start lock: a long download must not hold up other models.
+        """
+        m = rt.model
+        if is_local_source(m.source):
+            return True
+        snap = await asyncio.to_thread(hub.local_snapshot, m.source, m.revision)
+        if snap is not None and snap.complete:
+            return True
+        if not m.auto_pull:
+            rt.wanted = False
+            await self._set(rt, State.MISSING, f"{m.source} is not downloaded; run `vllama pull {m.name}`")
+            return False
+        repo, revision = hub.parse_ref(m.source)
+        await self._set(rt, State.STARTING, f"downloading {m.source}")
+        last = [0.0]
+
+        def progress(ev: hub.Progress) -> None:
+            if ev.kind == "file" and time.monotonic() - last[0] > 5:
+                last[0] = time.monotonic()
+                log.info("%s: pulling %s: %s / %s", m.name, ev.file, hub.human_bytes(ev.completed or 0),
+                         hub.human_bytes(ev.total or 0))
+
+        try:
+            await asyncio.to_thread(hub.pull, repo, m.revision or revision, on_progress=progress)
+        except hub.PullError as e:
+            rt.wanted = False
+            await self._set(rt, State.FAILED, f"download of {m.source} failed: {e.message}")
+            return False
+        log.info("%s: %s downloaded", m.name, m.source)
+        return True
 
     # --- memory: placement and eviction ---------------------------------------------------
 
@@ -521,7 +563,7 @@ class Fleet:
 
     async def _wait_state(self, rt: Runtime, timeout: float) -> None:
         def settled() -> bool:
-            return rt.state in (State.READY, State.FAILED) or not rt.wanted
+            return rt.state in (State.READY, State.FAILED, State.MISSING) or not rt.wanted
 
         try:
             async with asyncio.timeout(timeout):
@@ -539,7 +581,7 @@ class Fleet:
             return
         rt.wanted = True
         rt.failed_starts = 0
-        if rt.state in (State.STOPPED, State.FAILED) and not rt.queued:
+        if rt.state in (State.STOPPED, State.FAILED, State.MISSING) and not rt.queued:
             rt.queued = True
             await self._set(rt, State.STARTING, "waiting for its turn (models start one at a time)")
             self._spawn(self._start_and_wait(rt, self.config.server.cold_start_timeout))
@@ -591,6 +633,8 @@ class Fleet:
                 rt.waiting -= 1
             if rt.state == State.FAILED:
                 raise ModelUnavailable(f'model "{rt.name}" failed: {rt.reason}')
+            if rt.state == State.MISSING:
+                raise ModelNotFound(rt.name, rt.reason)
             if rt.state != State.READY:
                 raise ModelUnavailable(f'model "{rt.name}" is {rt.state.value}: {rt.reason}', retry_after=5)
         rt.inflight += 1

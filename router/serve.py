@@ -21,7 +21,7 @@ from pathlib import Path
 import uvicorn
 
 from . import supervisor
-from .admin import admin_router
+from .admin import admin_router, library_routes
 from .app import create_app
 from .catalog import Catalog
 from .config import Config
@@ -73,7 +73,7 @@ async def run(config: Config, opts: Options) -> int:
 
     fleet = Fleet(config, sup, upstream, on_supervisor_lost=supervisor_lost)
     service = OllamaService(fleet, upstream)
-    app = create_app(service, Catalog(config), extra_routes=[admin_router(fleet, fleet.memory)],
+    app = create_app(service, Catalog(config), extra_routes=[admin_router(fleet, fleet.memory), *library_routes(fleet)],
                      max_body_bytes=int(s.max_body_mb * 1024 * 1024))
 
     uv = uvicorn.Config(
