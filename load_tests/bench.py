@@ -25,7 +25,6 @@ import datetime as dt
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +36,7 @@ import httpx
 import psutil
 
 from . import harness
-from .client import PROMPTS, Batch, Result, Target, run_batch
+from .client import Batch, Result, Target, run_batch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED_LEVELS = [1, 5, 10, 50, 100]
@@ -162,7 +161,7 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"host": platform.node(), "cpu": cpu, "cores": harness.ncpus(),
+    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(),
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1), "os": platform.platform(),
             "python": platform.python_version()}
 
@@ -378,11 +377,12 @@ def cmd_side_by_side(a: argparse.Namespace) -> int:
             direct_url = direct_url or f"http://127.0.0.1:{vport}"
         if not direct_url:
             raise SystemExit("--direct URL is needed with --router (the vLLM the router sends the model to)")
+        # vLLama serves a model under its canonical name ("tiny" → "tiny:latest")
+        served = a.served_name or (a.model if ":" in a.model else a.model + ":latest")
         if not serial_url and not a.no_serial:
             print("starting the serial baseline: vLLM --max-num-seqs 1 ...", flush=True)
-            _, serial_url = harness.vllm(stack, model_dir, a.served_name or a.model, max_num_seqs=1,
+            _, serial_url = harness.vllm(stack, model_dir, served, max_num_seqs=1,
                                          label="vllm-serial")
-        served = a.served_name or a.model
         eos = {"ignore_eos": True}
         targets = [
             Target("vllama /api/generate", router_url, "ollama", "generate", a.model),
@@ -477,19 +477,24 @@ def cmd_overhead(a: argparse.Namespace) -> int:
         if a.router:
             models = [{"name": "fake", "source": "fake/fake", "url": fake_url},
                       {"name": "paced", "source": "fake/paced", "url": paced_url}]
-            router_proc, router_url = harness.router(stack, models, cpus=server_cpus,
-                                                     ready_models=["fake", "paced"])
-            for ep in a.ollama_endpoints.split(","):
-                if ep:
-                    name = f"vllama /api/{ep}"
-                    targets.append(Target(name, router_url, "ollama", ep, "fake"))
-                    procs[name] = router_proc
-            has_v1 = v1_available(router_url, "fake")
-            if has_v1:
-                targets.append(Target("vllama /v1", router_url, "openai", "chat", "fake"))
-                procs["vllama /v1"] = router_proc
-            else:
-                print("note: the router does not answer /v1/chat/completions: pass-through left out")
+            # One router per --router-src (before/after comparisons, interleaved in one run).
+            for i, src in enumerate(a.router_src or [None]):
+                tag = f"[{Path(src).name}]" if a.router_src and len(a.router_src) > 1 else ""
+                proc, url = harness.router(stack, models, cpus=server_cpus, ready_models=["fake", "paced"], src=src)
+                if i == 0:
+                    router_proc, router_url = proc, url
+                for ep in a.ollama_endpoints.split(","):
+                    if ep:
+                        name = f"vllama{tag} /api/{ep}"
+                        targets.append(Target(name, url, "ollama", ep, "fake"))
+                        procs[name] = proc
+                v1 = v1_available(url, "fake")
+                has_v1 = has_v1 or v1
+                if v1:
+                    targets.append(Target(f"vllama{tag} /v1", url, "openai", "chat", "fake"))
+                    procs[f"vllama{tag} /v1"] = proc
+                else:
+                    print("note: the router does not answer /v1/chat/completions: pass-through left out")
         lite_proc = lite_url = None
         if a.litellm and harness.litellm_available():
             print("starting LiteLLM proxy ...", flush=True)
@@ -513,16 +518,16 @@ def cmd_overhead(a: argparse.Namespace) -> int:
             print(f"\n2) streamed chunks relayed: {a.seconds}s per level, {a.stream_tokens} tokens per request, "
                   f"server on CPU {sorted(server_cpus or [])}", flush=True)
             thr = await interleaved(targets, levels, [True], repeats=a.repeats, seconds=a.seconds / a.repeats,
-                                    max_tokens=a.stream_tokens, cpu_of=lambda t: procs.get(t.name))
+                                    max_tokens=a.stream_tokens, cpu_of=lambda t: procs.get(t.name),
+                                    skip=lambda t, c: t.name.startswith("litellm") and c > a.litellm_max_conc)
             result["throughput"] = [asdict(r) for r in thr]
             if a.rss_streams:
                 print(f"\n3) {a.rss_streams} open streams at {a.paced_rate:g} tokens/s each "
                       f"({a.rss_streams * a.paced_rate:,.0f} chunks/s offered): RSS and delivered rate", flush=True)
                 rss = []
-                servers = [("vllama /api/chat", router_url, "ollama", router_proc, {})] if router_url else []
-                if has_v1:
-                    servers.append(("vllama /v1", router_url, "openai", router_proc, {}))
-                if lite_proc is not None:
+                servers = [(t.name, t.url, t.api, procs[t.name], {}) for t in targets
+                           if t.name.startswith("vllama") and (t.name.endswith("/api/chat") or t.name.endswith("/v1"))]
+                if lite_proc is not None and a.litellm_max_conc >= a.rss_streams:
                     servers.append(("litellm proxy", lite_url, "openai", lite_proc, lite_auth))
                 servers.append(("fake direct", paced_url, "openai", None, {}))
                 for name, url, api, proc, headers in servers:
@@ -659,6 +664,10 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--stream-tokens", type=int, default=256, help="tokens per streamed request")
     o.add_argument("--ollama-endpoints", default="chat,generate")
     o.add_argument("--no-litellm", dest="litellm", action="store_false", help="leave LiteLLM's proxy out")
+    o.add_argument("--litellm-max-conc", type=int, default=100,
+                   help="highest level LiteLLM runs (at 500 streams it needs minutes per batch)")
+    o.add_argument("--router-src", action="append",
+                   help="a directory with a router/ package to run (repeat to compare versions, interleaved)")
     o.add_argument("--no-router", dest="router", action="store_false",
                    help="only the fake upstream directly (a self-test of the bench)")
     o.add_argument("--rss-streams", type=int, default=500, help="open streams for the RSS check (0: skip)")

@@ -62,7 +62,7 @@ def pin(pid: int, cpus: set[int] | None) -> None:
         pass
 
 
-@dataclass
+@dataclass(eq=False)
 class Proc:
     """A child process with a log file, stopped with its whole process group."""
 
@@ -187,17 +187,21 @@ def router_config(path: Path, models: list[dict[str, object]], **server: object)
 
 def router(stack: Stack, models: list[dict[str, object]], *, cpus: set[int] | None = None,
            ready_models: list[str] = (), timeout: float = 300, env: dict[str, str] | None = None,
-           **server: object) -> tuple[Proc, str]:
-    """`vllama serve` with `models` (a model with ``url`` is remote: routed to, never launched)."""
+           src: str | None = None, **server: object) -> tuple[Proc, str]:
+    """`vllama serve` with `models` (a model with ``url`` is remote: routed to, never launched).
+
+    `src`: a directory holding the `router/` package to run (default $VLLAMA_ROUTER_SRC, else this checkout).
+    """
+    src = src or ROUTER_SRC
     port = free_port()
     cfg = router_config(stack.tmp / f"models-{port}.yaml", models, **server)
     argv = [sys.executable, "-m", "router.cli", "serve", "--config", str(cfg),
             "--state-dir", str(stack.tmp / f"run-{port}"), "--port", str(port), "--log-level", "warning"]
     env = dict(env or {})
-    if ROUTER_SRC:
-        env["PYTHONPATH"] = os.pathsep.join([ROUTER_SRC, *filter(None, [os.environ.get("PYTHONPATH")])])
-    p = stack.start(Proc("vllama", argv, stack.tmp / f"vllama-{port}.log", cpus=cpus, env=env,
-                         cwd=ROUTER_SRC))
+    if src:
+        src = str(Path(src).resolve())
+        env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])
+    p = stack.start(Proc("vllama", argv, stack.tmp / f"vllama-{port}.log", cpus=cpus, env=env, cwd=src))
     url = f"http://127.0.0.1:{port}"
     p.wait_http(url + "/", 60)
     for m in ready_models:
