@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -331,7 +331,7 @@ class Catalog:
             return now + FOREVER
         if rt.expires_at is None:  # in use: the countdown starts when the last request ends
             return now + timedelta(seconds=rt.keep_alive)
-        return datetime.fromtimestamp(rt.expires_at, timezone.utc).astimezone()
+        return datetime.fromtimestamp(rt.expires_at, UTC).astimezone()
 
     def _memory(self, rt: Runtime) -> tuple[int, int]:
         """(size, size_vram) in bytes, measured from the model's process tree; 0 when not measurable.

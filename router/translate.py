@@ -159,7 +159,7 @@ def sampling(options: wire.Options | None, target: Target) -> dict[str, Any]:
         out["top_p"] = _range("top_p", o.top_p, 0, 1) or 1.0
     if o.top_k is not None:
         k = _int_option("top_k", o.top_k)
-        out["top_k"] = k if k > 0 else 0  # vLLM: 0 = all tokens
+        out["top_k"] = max(0, k)  # vLLM: 0 = all tokens
     if o.min_p is not None:
         out["min_p"] = _range("min_p", o.min_p, 0, 1)
     if o.seed is not None:
@@ -350,10 +350,10 @@ def context_prompt(context: Sequence[int], new_tokens: Sequence[int]) -> list[in
     return [*context, *new]
 
 
-_GO_IF = re.compile(r"\{\{-?\s*if\s+\.(System|Prompt)\s*-?\}\}(.*?)\{\{-?\s*end\s*-?\}\}", re.S)
+_GO_IF = re.compile(r"\{\{-?\s*if\s+\.(System|Prompt)\s*-?\}\}(.*?)\{\{-?\s*end\s*-?\}\}", re.DOTALL)
 _GO_SYSTEM = re.compile(r"\{\{-?\s*\.System\s*-?\}\}")
 _GO_PROMPT = re.compile(r"\{\{-?\s*\.Prompt\s*-?\}\}")
-_GO_RESPONSE = re.compile(r"\{\{-?\s*\.Response\s*-?\}\}.*", re.S)
+_GO_RESPONSE = re.compile(r"\{\{-?\s*\.Response\s*-?\}\}.*", re.DOTALL)
 
 
 def render_template(template: str, system: str | None, prompt: str) -> str:

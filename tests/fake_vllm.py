@@ -146,7 +146,7 @@ class FakeVLLM:
     def __enter__(self) -> FakeVLLM:
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     # --- ASGI ------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def vllm_url(server: Server, model: str) -> str:
 def running(server: Server, model: str) -> float:
     """vLLM's own count of requests it is generating for."""
     text = httpx.get(vllm_url(server, model) + "/metrics", timeout=5).text
-    m = re.search(r"^vllm:num_requests_running\{[^}]*\} ([0-9.e+-]+)$", text, re.M)
+    m = re.search(r"^vllm:num_requests_running\{[^}]*\} ([0-9.e+-]+)$", text, re.MULTILINE)
     assert m, "vllm:num_requests_running missing from /metrics"
     return float(m.group(1))
 
@@ -339,7 +339,7 @@ def test_errors(server: Server, client: ollama.Client) -> None:
 
 def generated(server: Server, model: str) -> float:
     text = httpx.get(vllm_url(server, model) + "/metrics", timeout=5).text
-    return float(re.search(r"^vllm:generation_tokens_total\{[^}]*\} ([0-9.e+-]+)$", text, re.M).group(1))
+    return float(re.search(r"^vllm:generation_tokens_total\{[^}]*\} ([0-9.e+-]+)$", text, re.MULTILINE).group(1))
 
 
 def settled(server: Server, model: str) -> float:
