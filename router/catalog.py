@@ -336,11 +336,20 @@ class Catalog:
     def _memory(self, rt: Runtime) -> tuple[int, int]:
         """(size, size_vram) in bytes, measured from the model's process tree; 0 when not measurable.
 
-        On GPUs, size is the VRAM the tree holds (NVML); in CPU mode it is the tree's RSS
-        and size_vram is 0.
+        The fleet's measure when it has one (what `vllama ps` shows: VRAM on GPUs, the
+        tree's memory in CPU mode), else NVML's VRAM or the tree's RSS. size_vram is 0 in
+        CPU mode.
         """
         if not rt.pid:
             return 0, 0
+        memory = getattr(self.fleet, "memory", None)  # the fleet's own measure, as `vllama ps` shows it
+        if memory is not None:
+            try:
+                measured, _budget, devices = memory(rt)
+            except Exception:  # noqa: BLE001 - fall back to measuring here
+                measured, devices = None, []
+            if measured:
+                return measured, measured if any(d.startswith("gpu") for d in devices) else 0
         try:
             from . import gpu
         except ImportError:
