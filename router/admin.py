@@ -212,8 +212,20 @@ def admin_router(fleet: Fleet, usage: Usage = _no_usage) -> Router:
             raise ApiError(404, f'no log for model "{name}"')
         return Stream(_follow(path, max(0, min(lines, 10_000)), follow), media_type="text/plain")
 
+    @post("/reload", status_code=200)
+    async def reload() -> dict[str, Any]:
+        """Re-read models.yaml now (as saving it, SIGHUP or `vllama reload` do)."""
+        result = await fleet.reload_file()
+        if not result["applied"]:
+            raise ApiError(400, result["error"])
+        return result
+
+    @get("/config")
+    async def config_status() -> dict[str, Any]:
+        return {"path": str(fleet.config.path), "reload_error": fleet.reload_error}
+
     return Router(path="/vllama", route_handlers=[list_models, show_model, start_model, stop_model,
-                                                    restart_model, logs])
+                                                    restart_model, logs, reload, config_status])
 
 
 async def _follow(path: Any, lines: int, follow: bool) -> AsyncIterator[bytes]:

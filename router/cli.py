@@ -197,10 +197,15 @@ def _table(title: str, columns: list[str], rows: list[list[str]], styles: list[s
 @json_option
 def ps(host: str | None, as_json: bool) -> None:
     """Every model: state, uptime, port, PID, memory vs budget, requests, restarts."""
-    models = Api(host).request("GET", "/vllama/models").json()
+    api = Api(host)
+    models = api.request("GET", "/vllama/models").json()
     if as_json:
         click.echo(json.dumps(models, indent=2))
         return
+    reload_error = api.request("GET", "/vllama/config").json().get("reload_error")
+    if reload_error:
+        Console(stderr=True).print(f"[bold red]last reload rejected[/] (still serving the previous registry): "
+                                   f"{reload_error}", highlight=False)
     rows, styles = [], []
     for m in models:
         mem = f"{_gib(m.get('memory_used'))} / {_gib(m.get('memory_budget'))}"
@@ -339,6 +344,22 @@ def run(model: str, prompt: str | None, host: str | None) -> None:
             return
         if text.strip():
             ask(text)
+
+
+@cli.command()
+@host_option
+@json_option
+def reload(host: str | None, as_json: bool) -> None:
+    """Re-read models.yaml on the running server; only what changed is touched."""
+    result = Api(host).request("POST", "/vllama/reload").json()
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    changes = {k: v for k, v in result["changes"].items() if v and k != "unchanged"}
+    if not changes:
+        click.echo("reloaded: nothing changed")
+    for kind, names in changes.items():
+        click.echo(f"{kind}: {', '.join(names)}")
 
 
 @cli.command()

@@ -62,12 +62,13 @@ def program(
     model: Model,
     port: int,
     *,
+    name: str | None = None,
     extra_args: Sequence[str] = (),
     extra_env: Mapping[str, str] | None = None,
 ) -> Program:
     """The supervisord program for `model` on `port`, with the planner's flags and env."""
     return Program(
-        name=model.program,
+        name=name or f"{model.program}-{port}",
         argv=tuple(vllm_argv(config, model, port, extra_args)),
         env=vllm_env(config, model, extra_env),
         stopwaitsecs=config.engine.stopwaitsecs,

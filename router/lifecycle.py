@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 
 from . import engine, gpu, hub, placement, supervisor
 from .gpu import HostMemory, Inventory
-from .config import Config, Model, is_local_source, parse_duration
+from .config import Config, ConfigError, Model, is_local_source, parse_duration
+from .config import load as load_config
 from .supervisor import Supervisor
 from .upstream import Upstream
 
@@ -100,6 +102,12 @@ class Runtime:
     @property
     def remote(self) -> bool:
         return self.model.url is not None
+
+    @property
+    def program(self) -> str:
+        """supervisord program of this instance: model and port, so that a changed model's
+        new server can start beside the old one (rolling restart)."""
+        return f"{self.model.program}-{self.port}"
 
     @property
     def always(self) -> bool:
@@ -174,6 +182,42 @@ def free_port(start: int, taken: set[int]) -> int:
         port += 1
 
 
+class ReloadRejected(Exception):
+    """A new registry that would not fit: nothing was changed."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+#: Keys that only change how the router treats a model: applied without a restart.
+LIVE_KEYS = frozenset({"aliases", "load", "keep_alive", "max_queue", "auto_pull"})
+
+
+def diff(old: Config, new: Config) -> dict[str, list[str]]:
+    """Which models a reload adds, removes, must restart (`changed`) or only updates."""
+    before = {m.name: m for m in old.models}
+    after = {m.name: m for m in new.models}
+    engine_changed = old.engine != new.engine
+    out: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "updated": [], "unchanged": []}
+    for name, m in after.items():
+        if name not in before:
+            out["added"].append(name)
+            continue
+        a, b = msgspec.structs.asdict(before[name]), msgspec.structs.asdict(m)
+        launch_a = {k: v for k, v in a.items() if k not in LIVE_KEYS}
+        launch_b = {k: v for k, v in b.items() if k not in LIVE_KEYS}
+        if launch_a != launch_b or (engine_changed and not m.url) or (
+                old.source_path(before[name]) != new.source_path(m)):
+            out["changed"].append(name)
+        elif a != b:
+            out["updated"].append(name)
+        else:
+            out["unchanged"].append(name)
+    out["removed"] = [name for name in before if name not in after]
+    return out
+
+
 class Fleet:
     """All models of the registry and their processes."""
 
@@ -191,9 +235,15 @@ class Fleet:
         self.upstream = upstream
         self.inventory = inventory or (lambda: gpu.detect(config.engine.device))
         self.placements: dict[str, placement.Placement] = {}
-        """Where each model that runs (or is about to) is placed, and its budget."""
+        """Budget of each server that runs or is about to, by its program name."""
         self.on_supervisor_lost = on_supervisor_lost
         self.runtimes: dict[str, Runtime] = {}
+        self.retiring: list[Runtime] = []
+        """Servers outside `runtimes` during a reload: old ones draining before they stop,
+        and new ones starting beside the server they will replace."""
+        self.reload_error: str | None = None
+        """Why the last reload was rejected (shown by `vllama ps`), None if it applied."""
+        self._reload_lock = asyncio.Lock()
         self._start_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._monitor: asyncio.Task[None] | None = None
@@ -202,39 +252,42 @@ class Fleet:
 
     # --- setup -------------------------------------------------------------------
 
-    def _runtime_for(self, model: Model, previous: Runtime | None) -> Runtime:
+    def _all(self) -> list[Runtime]:
+        """Every server we run: the serving ones and those being replaced on a reload."""
+        return [*self.runtimes.values(), *self.retiring]
+
+    def _runtime_for(self, model: Model) -> Runtime:
         if model.url:
             return Runtime(model=model, port=None, base_url=model.url.rstrip("/"), wanted=True,
                            reason="remote server")
         taken = {m.port for m in self.config.models if m.port} | {self.config.server.port}
-        taken |= {rt.port for rt in self.runtimes.values() if rt.port}
-        port = model.port or (previous.port if previous and previous.port else None)
-        if port is None:
-            port = free_port(self.config.engine.base_port, taken)
+        taken |= {rt.port for rt in self._all() if rt.port}
+        port = model.port or free_port(self.config.engine.base_port, taken)
         rt = Runtime(model=model, port=port, base_url=f"http://127.0.0.1:{port}")
         rt.keep_alive = parse_duration(model.keep_alive)
         return rt
 
     def programs(self) -> list[supervisor.Program]:
         out = []
-        for rt in self.runtimes.values():
+        for rt in self._all():
             if rt.remote or rt.port is None:
                 continue
-            p = self.placements.get(rt.name)
+            p = self.placements.get(rt.program)
             args, env = (list(p.vllm_args), dict(p.env)) if p else ([], {})
-            out.append(engine.program(self.config, rt.model, rt.port, extra_args=args, extra_env=env))
+            out.append(engine.program(self.config, rt.model, rt.port, name=rt.program, extra_args=args, extra_env=env))
         return out
 
     async def start(self) -> None:
         """Register every model with supervisord, start the `always` ones in order, watch them."""
         for m in self.config.models:
-            self.runtimes[m.name] = self._runtime_for(m, None)
+            self.runtimes[m.name] = self._runtime_for(m)
         # Place the `always` models together (best fit over all of them); one still to be
         # downloaded is placed once its files, and so its size, are known.
         boot = [rt.model for rt in self.runtimes.values()
                 if rt.always and not rt.remote and self.model_dir(rt.model) is not None]
         plan = await asyncio.to_thread(self._plan, boot)
-        self.placements.update(plan.placements)
+        for name, p in plan.placements.items():
+            self.placements[self.runtimes[name].program] = p
         for name, problems in plan.refused.items():
             await self._set(self.runtimes[name], State.FAILED, "does not fit: " + "; ".join(problems))
         if self.sup is not None:
@@ -294,7 +347,7 @@ class Fleet:
             rt.changed.notify_all()
 
     def log_path(self, rt: Runtime) -> Path | None:
-        return self.sup.paths.log(rt.model.program) if self.sup and not rt.remote else None
+        return self.sup.paths.log(rt.program) if self.sup and not rt.remote else None
 
     def log_tail(self, rt: Runtime) -> list[str]:
         """The last lines of the model's vLLM log, kept for error messages."""
@@ -379,15 +432,32 @@ class Fleet:
             await self._set(rt, State.FAILED, self.failure_reason(
                 rt, f"exited {rt.failed_starts} times before it was ready; gave up"))
             if self.sup is not None:
-                await self.sup.stop(rt.model.program)
+                await self.sup.stop(rt.program)
             return True
-        await self._set(rt, State.RESTARTING, self.failure_reason(rt, what))
+        reason = self.failure_reason(rt, what)
+        await self._set(rt, State.RESTARTING, reason)
+        if "Address already in use" in reason and rt.model.port is None and self.sup is not None:
+            await self._move_port(rt)
         return False
+
+    async def _move_port(self, rt: Runtime) -> None:
+        """Another process took the port this model was given: give it a free one."""
+        old_program = rt.program
+        await self.sup.stop(old_program)  # type: ignore[union-attr]
+        taken = {r.port for r in self._all() if r.port} | {self.config.server.port}
+        rt.port = free_port((rt.port or self.config.engine.base_port) + 1, taken)
+        rt.base_url = f"http://127.0.0.1:{rt.port}"
+        if old_program in self.placements:
+            self.placements[rt.program] = self.placements.pop(old_program)
+        log.warning("%s: port taken by another process; moving to %d", rt.name, rt.port)
+        await self.sup.apply(self.programs())  # type: ignore[union-attr]
+        rt.start_requested = time.monotonic()
+        await self.sup.start(rt.program)  # type: ignore[union-attr]
 
     async def suspect(self, rt: Runtime) -> None:
         """A request could not reach `rt`: look at it now rather than at the next tick."""
         infos = await self.sup.processes() if self.sup is not None else {}
-        await self._observe(rt, infos.get(rt.model.program))
+        await self._observe(rt, infos.get(rt.program))
         if rt.state == State.READY and not await self._healthy(rt):
             await self._set(rt, State.UNHEALTHY, "a request could not connect")
 
@@ -396,7 +466,7 @@ class Fleet:
         infos: dict[str, dict[str, Any]] = {}
         if self.sup is not None:
             infos = await self.sup.processes()
-        await asyncio.gather(*(self._observe(rt, infos.get(rt.model.program)) for rt in list(self.runtimes.values())))
+        await asyncio.gather(*(self._observe(rt, infos.get(rt.program)) for rt in self._all()))
 
     async def _watch(self) -> None:
         while not self._closing:
@@ -453,7 +523,7 @@ class Fleet:
                 rt.queued = False
                 rt.start_requested = time.monotonic()
                 await self._set(rt, State.STARTING, "starting")
-                await self.sup.start(rt.model.program)
+                await self.sup.start(rt.program)
             await self._wait_state(rt, timeout)
 
     async def _ensure_files(self, rt: Runtime) -> bool:
@@ -515,35 +585,36 @@ class Fleet:
 
         Never evicts a model with requests in flight or waiting, nor an `always` one.
         """
-        if rt.name in self.placements:
+        if rt.program in self.placements:
             return None
         plan = await asyncio.to_thread(self._plan, [rt.model], dict(self.placements))
         if plan.fits(rt.name):
-            self.placements[rt.name] = plan.placements[rt.name]
+            self.placements[rt.program] = plan.placements[rt.name]
             return None
         problem = "; ".join(plan.refused.get(rt.name, [])) or f"{rt.name} does not fit"
         idle = sorted((r for r in self.runtimes.values()
-                       if r is not rt and not r.always and not r.remote and r.name in self.placements
+                       if r is not rt and not r.always and not r.remote and r.program in self.placements
                        and r.inflight == 0 and r.waiting == 0 and r.state != State.STARTING),
                       key=lambda r: r.last_used)
         victims = await asyncio.to_thread(
-            placement.evictable, rt.model, self.inventory(), [r.name for r in idle],
+            placement.evictable, rt.model, self.inventory(), [r.program for r in idle],
             running=dict(self.placements), reserve_gb=self.config.server.reserve_gb,
             our_pids=self._our_pids(), facts=self._facts)
         if not victims:
             return problem
-        for name in victims:
-            await self.stop_model(self.runtimes[name], f"evicted to make room for {rt.name}")
+        by_program = {r.program: r for r in idle}
+        for program in victims:
+            await self.stop_model(by_program[program], f"evicted to make room for {rt.name}")
             self.evictions += 1
         plan = await asyncio.to_thread(self._plan, [rt.model], dict(self.placements))
         if plan.fits(rt.name):
-            self.placements[rt.name] = plan.placements[rt.name]
+            self.placements[rt.program] = plan.placements[rt.name]
             return None
         return "; ".join(plan.refused.get(rt.name, [])) or problem
 
     def memory(self, rt: Runtime) -> tuple[int | None, int | None, list[str]]:
         """(measured bytes, budget bytes, devices) for `vllama ps`."""
-        p = self.placements.get(rt.name)
+        p = self.placements.get(rt.program)
         if p is None:
             return None, None, []
         devices = [f"gpu{i}" for i in p.gpus] or ["cpu"]
@@ -593,18 +664,132 @@ class Fleet:
         rt.wanted = False
         rt.held = hold
         log.info("%s: stopping (%s)", rt.name, reason)
-        await self.sup.stop(rt.model.program)
+        await self.sup.stop(rt.program)
         if rt.pid is not None:
             reap_group(rt.pid)
         rt.pid = None
         if not rt.always:
-            self.placements.pop(rt.name, None)  # its memory is free for others
+            self.placements.pop(rt.program, None)  # its memory is free for others
         await self._set(rt, State.STOPPED, reason)
 
     async def restart_model(self, rt: Runtime) -> None:
         await self.stop_model(rt, "restart requested")
         rt.wanted = True
         await self.start_model(rt)
+
+    # --- reload ----------------------------------------------------------------------
+
+    async def reload(self, new: Config) -> dict[str, list[str]]:
+        """Apply a new registry: start what is new, drain and stop what is gone,
+        restart what changed, leave the rest alone (same process, no failed request).
+
+        The new registry's placement is checked first; if it does not fit, nothing
+        changes and ReloadRejected says why. Aliases, keep_alive, load policy and
+        queue size apply at once without a restart. A changed model is restarted
+        rolling when memory allows (the old server serves until the new is ready),
+        else drained and swapped.
+        """
+        async with self._reload_lock:
+            d = diff(self.config, new)
+            keep = {rt.program: self.placements[rt.program] for name, rt in self.runtimes.items()
+                    if name not in d["changed"] and name not in d["removed"] and rt.program in self.placements}
+            place = [new.lookup(n) for n in d["added"] + d["changed"]]
+            place = [m for m in place if m is not None and m.load == "always" and not m.url
+                     and self.model_dir(m) is not None]
+            plan = await asyncio.to_thread(self._plan_with, new, place, keep)
+            if plan.problems:
+                raise ReloadRejected(plan.problems)
+            old_config, self.config = self.config, new
+            for name in d["updated"]:
+                rt = self.runtimes[name]
+                rt.model = new.lookup(name)  # type: ignore[assignment]
+                rt.keep_alive = parse_duration(rt.model.keep_alive)
+                if rt.always and rt.state == State.STOPPED and not rt.held:
+                    await self.start_model(rt)  # on_demand → always
+            for name in d["removed"]:
+                rt = self.runtimes.pop(name)
+                self._spawn(self._retire(rt, "removed from the registry"))
+            for name in d["added"]:
+                rt = self.runtimes[name] = self._runtime_for(new.lookup(name))  # type: ignore[arg-type]
+                if rt.always and not rt.remote:
+                    await self.start_model(rt)
+            for name in d["changed"]:
+                self._spawn(self._replace(self.runtimes[name], new.lookup(name), old_config))  # type: ignore[arg-type]
+            if self.sup is not None:
+                await self.sup.apply(self.programs())
+            self.reload_error = None
+            log.info("reload applied: %s", {k: v for k, v in d.items() if v and k != "unchanged"})
+            return d
+
+    async def reload_file(self) -> dict[str, Any]:
+        """Re-read models.yaml; an invalid or unfitting file changes nothing and is reported."""
+        path = self.config.path
+        try:
+            new = await asyncio.to_thread(load_config, path)
+            d = await self.reload(new)
+        except ConfigError as e:
+            self.reload_error = "invalid registry: " + "; ".join(e.problems)
+        except ReloadRejected as e:
+            self.reload_error = "the new registry does not fit: " + "; ".join(e.problems)
+        else:
+            return {"applied": True, "error": None, "changes": d}
+        log.error("reload of %s rejected, still serving the previous registry: %s", path, self.reload_error)
+        return {"applied": False, "error": self.reload_error, "changes": None}
+
+    def _plan_with(self, config: Config, models: list[Model], running: dict[str, placement.Placement]) -> placement.Plan:
+        return placement.plan(models, self.inventory(), reserve_gb=config.server.reserve_gb,
+                              our_pids=self._our_pids(), running=running, facts=self._facts)
+
+    async def _drain(self, rt: Runtime, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while rt.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+
+    async def _retire(self, rt: Runtime, reason: str) -> None:
+        """Let `rt`'s requests finish (bounded by shutdown_grace), then stop it and drop its program."""
+        self.retiring.append(rt)
+        try:
+            await self._drain(rt, self.config.server.shutdown_grace)
+            await self.stop_model(rt, reason)
+            self.placements.pop(rt.program, None)
+        finally:
+            self.retiring.remove(rt)
+            if self.sup is not None:
+                await self.sup.apply(self.programs())
+
+    async def _replace(self, old: Runtime, model: Model, old_config: Config) -> None:
+        """Restart a changed model: rolling when it was serving and a second server fits."""
+        new = self._runtime_for(model)
+        serving = old.state in (State.READY, State.UNHEALTHY, State.STARTING) and not old.remote
+        rolling = serving and model.port is None and old.always
+        if rolling:
+            plan = await asyncio.to_thread(self._plan, [model], dict(self.placements))
+            rolling = plan.fits(model.name)
+            if rolling:
+                self.placements[new.program] = plan.placements[model.name]
+        if rolling:
+            # The old server keeps serving while the new one starts beside it.
+            self.retiring.append(new)
+            try:
+                await self.start_model(new)
+                await self._wait_state(new, self.config.server.cold_start_timeout)
+            except ModelUnavailable:
+                pass
+            finally:
+                self.retiring.remove(new)
+            if new.state == State.READY:
+                self.runtimes[model.name] = new
+                await self._retire(old, "replaced by its new configuration")
+                return
+            log.warning("%s: new configuration did not start (%s); keeping the old server", model.name, new.reason)
+            await self.stop_model(new, "replacement failed")
+            self.placements.pop(new.program, None)
+            return
+        # Drain then swap: new requests wait for the new server.
+        self.runtimes[model.name] = new
+        await self._retire(old, "restarting with its new configuration")
+        if new.always or serving:
+            await self.start_model(new)
 
     # --- requests --------------------------------------------------------------------
 

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import uvicorn
 
-from . import supervisor
+from . import limits, supervisor
 from .admin import admin_router, library_routes
 from .app import create_app
+from .auth import AuthError, KeyStore, warn_if_exposed
 from .catalog import Catalog
 from .config import Config
 from .lifecycle import Fleet
@@ -43,6 +44,20 @@ class Options:
     log_level: str = "info"
 
 
+async def watch_registry(fleet: Fleet) -> None:
+    """Reload when models.yaml is saved (editors replace the file: watch its directory)."""
+    from watchfiles import awatch
+
+    path = fleet.config.path
+    assert path is not None
+    def ours(_: object, changed: str) -> bool:
+        return Path(changed).resolve() == path
+
+    async for _ in awatch(path.parent, debounce=500, recursive=False, watch_filter=ours):
+        log.info("%s changed; reloading", path)
+        await fleet.reload_file()
+
+
 def state_dir_for(config: Config, override: Path | None) -> Path:
     if override:
         return override.resolve()
@@ -52,6 +67,7 @@ def state_dir_for(config: Config, override: Path | None) -> Path:
 
 
 async def run(config: Config, opts: Options) -> int:
+    keys = KeyStore.from_config(config.server.auth, config.base_dir)  # AuthError before anything starts
     paths = Paths(state_dir_for(config, opts.state_dir))
     if opts.attach:
         sup = Supervisor.attach(paths)
@@ -74,14 +90,15 @@ async def run(config: Config, opts: Options) -> int:
     fleet = Fleet(config, sup, upstream, on_supervisor_lost=supervisor_lost)
     service = OllamaService(fleet, upstream)
     app = create_app(service, Catalog(config), extra_routes=[admin_router(fleet, fleet.memory), *library_routes(fleet)],
-                     max_body_bytes=int(s.max_body_mb * 1024 * 1024))
+                     max_body_bytes=int(s.max_body_mb * 1024 * 1024), auth=keys, max_inflight=s.max_inflight)
+    warn_if_exposed(opts.host or s.host, keys)
 
     uv = uvicorn.Config(
         app,
         host=opts.host or s.host,
         port=opts.port or s.port,
         loop="uvloop",
-        http="httptools",
+        http=limits.guarded_http(),  # httptools, with deadlines for slow clients
         lifespan="off",
         access_log=False,
         log_level=opts.log_level,
@@ -93,11 +110,16 @@ async def run(config: Config, opts: Options) -> int:
     # no-op so the cleanup below runs (the default SIGTERM action would kill us).
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(fleet.reload_file()))
+    watcher = asyncio.create_task(watch_registry(fleet)) if s.watch and config.path else None
     try:
         await fleet.start()
         await server.serve()
     finally:
         log.info("stopping models and supervisord")
+        if watcher is not None:
+            watcher.cancel()
         await fleet.close()
         if opts.attach:
             await sup.stop_all()
@@ -114,7 +136,11 @@ async def run(config: Config, opts: Options) -> int:
 def main(config: Config, opts: Options) -> int:
     logging.basicConfig(level=opts.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health probe otherwise
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)
     # Ctrl-C and SIGTERM are handled by uvicorn (graceful); a second one forces exit.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    return asyncio.run(run(config, opts))
+    try:
+        return asyncio.run(run(config, opts))
+    except AuthError as e:
+        log.error("%s", e)
+        return 2

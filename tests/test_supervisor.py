@@ -112,4 +112,4 @@ def test_vllm_program_from_the_registry(paths: Paths, tmp_path: Path) -> None:
     assert argv[-4:] == ["--gpu-memory-utilization", "0.5", "--enforce-eager", "--max-num-seqs", "8"][-4:]
     assert prog.env["A"] == "engine" and prog.env["B"] == "model"
     assert prog.env["CUDA_VISIBLE_DEVICES"] == "1" and prog.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
-    assert prog.name == "vllm-m_latest"
+    assert prog.name == "vllm-m_latest-8123"

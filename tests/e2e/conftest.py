@@ -5,11 +5,27 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from .harness import Server, free_port, state_processes, write_config
 
 MODELS = ["tiny-a", "tiny-b"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftovers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Safety net: whatever a failed test left running is killed at the end of the session
+    (the tests themselves assert that nothing is left; this keeps one failure from starving
+    the machine for the next run)."""
+    yield
+    root = str(tmp_path_factory.getbasetemp())
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("VLLAMA_STATE_DIR", "").startswith(root):
+                p.kill()
+        except psutil.Error:
+            pass
 
 
 @pytest.fixture(scope="session")

@@ -97,6 +97,25 @@ class Server:
         return self.proc.returncode
 
 
+def long_prompt(server: Server, model: str, tokens: int) -> str:
+    """A prompt whose greedy answer runs for `tokens` tokens: the random test models
+    may otherwise stop at their end-of-sequence token after a few."""
+    for i in range(40):
+        prompt = f"story number {i}"
+        r = httpx.post(server.url + "/api/generate", timeout=120, json={
+            "model": model, "prompt": prompt, "stream": False, "options": {"num_predict": tokens, "temperature": 0}})
+        if r.json().get("done_reason") == "length":
+            return prompt
+    raise RuntimeError(f"no prompt makes {model} talk for {tokens} tokens")
+
+
+def vllm_port(server: Server, model: str) -> int:
+    """The port of `model`'s own vLLM server (to compare with or bypass the router)."""
+    r = httpx.get(f"{server.url}/vllama/models/{model}", timeout=10)
+    r.raise_for_status()
+    return r.json()["port"]
+
+
 def state_processes(state_dir: Path) -> list[psutil.Process]:
     """Processes whose environment names this state dir (vLLM children, supervisord)."""
     out = []
@@ -110,8 +129,9 @@ def state_processes(state_dir: Path) -> list[psutil.Process]:
 
 
 def write_config(path: Path, models: list[dict[str, Any]], **sections: Any) -> Path:
-    # Each test server gets its own port range for its vLLMs: servers may overlap in time.
-    base_port = random.randrange(20000, 60000, 100)
+    # Each test server gets its own port range for its vLLMs (servers may overlap in time),
+    # below Linux's ephemeral range (32768+), where outgoing connections could take a port.
+    base_port = random.randrange(20000, 32000, 50)
     data = {
         "engine": {"device": "cpu", "args": ["--enforce-eager"], "env": {"VLLM_CPU_KVCACHE_SPACE": "1"},
                    "base_port": base_port},

@@ -7,7 +7,6 @@ vLLM: the router adds nothing and drops nothing (only ids and timestamps differ)
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import anthropic
@@ -15,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from .harness import Server
+from .harness import Server, vllm_port
 
 pytestmark = pytest.mark.e2e
 
@@ -23,9 +22,7 @@ PROMPT = [{"role": "user", "content": "Tell me about the sea"}]
 
 
 def vllm_url(server: Server, model: str) -> str:
-    conf = (server.state_dir / "programs" / f"vllm-{model}_latest.conf").read_text()
-    port = re.search(r"--port (\d+)", conf).group(1)
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{vllm_port(server, model)}"
 
 
 @pytest.fixture

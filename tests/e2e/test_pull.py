@@ -52,7 +52,8 @@ def test_auto_pull_then_serve_from_the_cache(hub_server: tuple[Server, FakeHub, 
     r = ollama.Client(host=srv.url).generate(model="pulled", prompt="hi", options={"num_predict": 4})
     assert r.done and r.eval_count == 4
     # vLLM got the repo id and read the cache; the program says so.
-    conf = (srv.state_dir / "programs" / "vllm-pulled_latest.conf").read_text()
+    (conf_file,) = (srv.state_dir / "programs").glob("vllm-pulled_latest-*.conf")
+    conf = conf_file.read_text()
     assert "--model vllama-test/tiny " in conf and 'HF_HUB_OFFLINE="1"' in conf
 
 

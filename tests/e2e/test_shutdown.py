@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import threading
 import time
@@ -24,7 +23,11 @@ def one_model_server(root: Path, tiny_model: Path, state_dir: Path | None = None
                        server={"shutdown_grace": 60})
     srv = Server(config_path=cfg, state_dir=state_dir or root / "run", port=free_port())
     srv.start()
-    srv.wait_ready(["solo"])
+    try:
+        srv.wait_ready(["solo"])
+    except BaseException:
+        srv.stop()
+        raise
     return srv
 
 
@@ -34,6 +37,14 @@ def vllm_pids(srv: Server) -> set[int]:
 
 def test_sigterm_lets_in_flight_requests_finish_then_leaves_nothing(tmp_path: Path, tiny_model: Path) -> None:
     srv = one_model_server(tmp_path, tiny_model)
+    try:
+        _sigterm_with_a_request_in_flight(srv)
+    finally:
+        srv.stop()
+    assert state_processes(srv.state_dir) == []
+
+
+def _sigterm_with_a_request_in_flight(srv: Server) -> None:
     tree = {p.pid for p in srv.tree()}
     assert len(tree) >= 4  # vllama, supervisord, vLLM API server, EngineCore (+ worker)
     lines: list[dict] = []
@@ -61,6 +72,15 @@ def test_sigterm_lets_in_flight_requests_finish_then_leaves_nothing(tmp_path: Pa
 
 def test_a_new_serve_stops_what_a_killed_one_left_behind(tmp_path: Path, tiny_model: Path) -> None:
     first = one_model_server(tmp_path, tiny_model)
+    try:
+        _kill_router_and_restart(tmp_path, tiny_model, first)
+    finally:
+        first.stop()
+        for p in state_processes(first.state_dir):
+            p.kill()
+
+
+def _kill_router_and_restart(tmp_path: Path, tiny_model: Path, first: Server) -> None:
     old = vllm_pids(first)
     assert old
     # The worst case: router and supervisord both die at once (OOM killer, kill -9 of the group).
@@ -87,6 +107,13 @@ def test_a_new_serve_stops_what_a_killed_one_left_behind(tmp_path: Path, tiny_mo
 
 def test_router_shuts_down_when_supervisord_dies(tmp_path: Path, tiny_model: Path) -> None:
     srv = one_model_server(tmp_path, tiny_model)
+    try:
+        _kill_supervisord(srv)
+    finally:
+        srv.stop()
+
+
+def _kill_supervisord(srv: Server) -> None:
     sup = [p for p in state_processes(srv.state_dir) if "supervisord" in " ".join(p.cmdline())]
     assert len(sup) == 1
     sup[0].kill()

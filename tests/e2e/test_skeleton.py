@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import re
 
 import httpx
 import ollama
 import pytest
 
-from .harness import Server
+from .harness import Server, vllm_port
 
 pytestmark = pytest.mark.e2e
 
 GREEDY = {"temperature": 0, "num_predict": 12}
 
-
-def vllm_port(server: Server, model: str) -> int:
-    conf = (server.state_dir / "programs" / f"vllm-{model}_latest.conf").read_text()
-    return int(re.search(r"--port (\d+)", conf).group(1))
 
 
 def direct_chat(server: Server, model: str, prompt: str) -> str:
