@@ -384,12 +384,11 @@ def pull(name: str, gguf: str | None, config_path: str | None) -> None:
         if target.local_dir is not None:
             click.echo(f"{name} is served from the local directory {target.local_dir}: nothing to pull")
             return
-        path = hub.render_pull(target.repo, target.revision, gguf, Console())
+        hub.render_pull(target.repo, target.revision, gguf, Console())
     except hub.PullError as e:
         _fail(e.message)
     except KeyboardInterrupt:
         _fail("interrupted; run the same command again to resume")
-    Console().print(f"[green]success[/] {path}", highlight=False)
 
 
 @cli.command()

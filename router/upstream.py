@@ -9,6 +9,7 @@ than per token, and a slow one still gets each token out the moment it lands.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -50,26 +51,56 @@ def _transport_error(exc: Exception, url: str) -> UpstreamError:
     return UpstreamError(502, f"model server error: {exc}")
 
 
-class Upstream:
-    """One connection pool shared by every model (keep-alive per vLLM server)."""
+#: Pools per Upstream. httpcore walks every connection of a pool on each request,
+#: so one pool with hundreds of streams costs milliseconds per request; several
+#: small pools, taken in turn, keep that walk short (measured: load_tests/README.md).
+POOLS = 16
+#: vLLM's uvicorn closes idle connections after 5 s: drop ours first, or a request
+#: may be written to a connection the server is closing.
+KEEPALIVE_EXPIRY = 4.0
 
-    def __init__(self, timeouts: Timeouts | None = None) -> None:
+
+class Upstream:
+    """The router's HTTP client to every vLLM server: keep-alive connections in a few pools."""
+
+    def __init__(self, timeouts: Timeouts | None = None, pools: int = POOLS) -> None:
         self.timeouts = timeouts or Timeouts()
         t = self.timeouts
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(connect=t.connect, read=t.first_token, write=t.first_token, pool=None),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=512, keepalive_expiry=30),
-            trust_env=False,
-        )
+        self._clients = [
+            httpx.AsyncClient(
+                timeout=httpx.Timeout(connect=t.connect, read=t.first_token, write=t.first_token, pool=None),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64,
+                                    keepalive_expiry=KEEPALIVE_EXPIRY),
+                trust_env=False,
+            )
+            for _ in range(pools)
+        ]
+        self._next = itertools.cycle(self._clients).__next__
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """A client for one call (pools are taken in turn)."""
+        return self._next()
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        for c in self._clients:
+            await c.aclose()
+
+    async def _send(self, client: httpx.AsyncClient, request: httpx.Request, *, stream: bool) -> httpx.Response:
+        """Send once more if a kept-alive connection turns out closed before any answer:
+        the server never saw the request, so it is safe to repeat."""
+        try:
+            return await client.send(request, stream=stream)
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+            return await client.send(request, stream=stream)
 
     async def post_json(self, base_url: str, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """A non-streamed call; raises UpstreamError with vLLM's own message on failure."""
         url = base_url + path
+        client = self.client
+        req = client.build_request("POST", url, content=_encode(body), headers={"content-type": "application/json"})
         try:
-            resp = await self.client.post(url, content=_encode(body), headers={"content-type": "application/json"})
+            resp = await self._send(client, req, stream=False)
         except httpx.HTTPError as e:
             raise _transport_error(e, base_url) from None
         if resp.status_code >= 400:
@@ -88,10 +119,11 @@ class Upstream:
         connection, which makes vLLM abort the request.
         """
         url = base_url + path
-        req = self.client.build_request("POST", url, content=_encode(body),
-                                        headers={"content-type": "application/json", "accept": "text/event-stream"})
+        client = self.client
+        req = client.build_request("POST", url, content=_encode(body),
+                                   headers={"content-type": "application/json", "accept": "text/event-stream"})
         try:
-            resp = await self.client.send(req, stream=True)
+            resp = await self._send(client, req, stream=True)
         except httpx.HTTPError as e:
             raise _transport_error(e, base_url) from None
         try:
@@ -124,6 +156,9 @@ class Upstream:
                         if payload == b"[DONE]":
                             if batch:
                                 yield batch
+                            # Read the body to its end so the connection goes back to the pool.
+                            async for _ in raw:
+                                pass
                             return
                         obj = _decode(payload)
                         if isinstance(obj, dict) and "error" in obj and "choices" not in obj:
@@ -150,18 +185,36 @@ class Upstream:
         Used by the OpenAI/Anthropic pass-through: bytes go through unchanged.
         """
         url = base_url + path
-        req = self.client.build_request(method, url, content=body, headers=headers)
+        client = self.client
+        req = client.build_request(method, url, content=body, headers=headers)
         try:
-            resp = await self.client.send(req, stream=True)
+            resp = await self._send(client, req, stream=True)
         except httpx.HTTPError as e:
             raise _transport_error(e, base_url) from None
 
         async def body_iter() -> AsyncIterator[bytes]:
+            raw = resp.aiter_raw()
+            between = self.timeouts.between_tokens
+            first = True
             try:
-                async for chunk in resp.aiter_raw():
+                while True:
+                    try:
+                        if first:  # the first token: httpx's read timeout (first_token)
+                            chunk = await anext(raw)
+                            first = False
+                        else:
+                            async with asyncio.timeout(between):
+                                chunk = await anext(raw)
+                    except StopAsyncIteration:
+                        return
                     yield chunk
-            except httpx.HTTPError:
-                # Mid-stream failure: the client sees a cut SSE stream, as with vLLM itself.
+            except (httpx.HTTPError, TimeoutError) as e:
+                # Mid-stream failure: the client sees a cut SSE stream, as with vLLM itself,
+                # ended by an error event saying why.
+                if "event-stream" in resp.headers.get("content-type", ""):
+                    err = _transport_error(e, base_url)
+                    yield b"data: " + _encode({"error": {"message": err.message, "type": "APIError",
+                                                         "param": None, "code": err.status}}) + b"\n\n"
                 return
             finally:
                 await resp.aclose()

@@ -560,7 +560,7 @@ def test_render_pull(fake: FakeHub) -> None:
     from rich.console import Console
 
     out = io.StringIO()
-    path = hub.render_pull(REPO, None, None, Console(file=out, width=120, force_terminal=False))
+    path = hub.render_pull(REPO, None, None, Console(file=out, width=1000, force_terminal=False))
     text = out.getvalue()
     assert "org/tiny" in text and "5 files" in text and "2.0 MiB" in text and "to download" in text
     assert "model.safetensors" in text and "success" in text and str(path) in text
