@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import msgspec
@@ -33,6 +33,9 @@ from .config import Config, ConfigError, Model, is_local_source, parse_duration
 from .config import load as load_config
 from .supervisor import Supervisor
 from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger("vllama.lifecycle")
 
@@ -116,17 +119,34 @@ class Runtime:
 
 @dataclass
 class Lease:
-    """A request's hold on a model: counted in flight until released."""
+    """A request's hold on a model: counted in flight (and in the metrics) until released.
+
+    The request's outcome (`status`, token counts) is filled in by the service
+    before release, so the metrics count each request once, however it ends.
+    """
 
     fleet: Fleet
     runtime: Runtime
     keep_alive: float | None = None
+    tracker: Any = None
+    status: int = 200
+    prompt_tokens: int = 0
+    output_tokens: int = 0
     _done: bool = False
+
+    def first_token(self) -> None:
+        if self.tracker is not None:
+            self.tracker.first_token()
+
+    def usage(self, prompt_tokens: int, output_tokens: int) -> None:
+        self.prompt_tokens, self.output_tokens = prompt_tokens, output_tokens
 
     def release(self) -> None:
         if not self._done:
             self._done = True
             self.fleet._release(self)
+            if self.tracker is not None:
+                self.tracker.finished(self.status, self.prompt_tokens, self.output_tokens)
 
 
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b:?")
@@ -249,6 +269,8 @@ class Fleet:
         self._monitor: asyncio.Task[None] | None = None
         self._closing = False
         self.evictions = 0
+        self.metrics: Metrics | None = None
+        """Set by serve: starts, stops and evictions are counted there too."""
 
     # --- setup -------------------------------------------------------------------
 
@@ -521,6 +543,8 @@ class Fleet:
                 await self.sup.apply(self.programs())  # its program now carries its budget
             if rt.queued or rt.state in (State.STOPPED, State.FAILED, State.MISSING):
                 rt.queued = False
+                if self.metrics is not None:
+                    self.metrics.action("start", "always" if rt.always else "on_demand")
                 rt.start_requested = time.monotonic()
                 await self._set(rt, State.STARTING, "starting")
                 await self.sup.start(rt.program)
@@ -606,6 +630,8 @@ class Fleet:
         for program in victims:
             await self.stop_model(by_program[program], f"evicted to make room for {rt.name}")
             self.evictions += 1
+            if self.metrics is not None:
+                self.metrics.evicted(by_program[program].name)
         plan = await asyncio.to_thread(self._plan, [rt.model], dict(self.placements))
         if plan.fits(rt.name):
             self.placements[rt.program] = plan.placements[rt.name]
@@ -664,6 +690,8 @@ class Fleet:
         rt.wanted = False
         rt.held = hold
         log.info("%s: stopping (%s)", rt.name, reason)
+        if self.metrics is not None:
+            self.metrics.action("stop", "admin" if hold else reason.split(" ")[0])
         await self.sup.stop(rt.program)
         if rt.pid is not None:
             reap_group(rt.pid)
@@ -793,11 +821,26 @@ class Fleet:
 
     # --- requests --------------------------------------------------------------------
 
-    async def acquire(self, name: str, keep_alive: float | None = None) -> Lease:
+    async def acquire(self, name: str, keep_alive: float | None = None, endpoint: str = "") -> Lease:
         """Wait (bounded) until the model `name` can serve, and count the request in flight.
 
         Raises ModelNotFound (404) or ModelUnavailable (503: failed, queue full, timeout).
         """
+        try:
+            lease = await self._acquire(name, keep_alive)
+        except ModelNotFound:
+            if self.metrics is not None:
+                self.metrics.started("unknown", endpoint).finished(404)
+            raise
+        except ModelUnavailable:
+            if self.metrics is not None:
+                self.metrics.started(self.get(name).name, endpoint).finished(503)
+            raise
+        if self.metrics is not None:
+            lease.tracker = self.metrics.started(lease.runtime.name, endpoint)
+        return lease
+
+    async def _acquire(self, name: str, keep_alive: float | None) -> Lease:
         rt = self.get(name)
         if rt.held:
             raise ModelUnavailable(f'model "{rt.name}" was stopped by an admin; `vllama start {rt.name}` serves it again')

@@ -95,7 +95,7 @@ class Passthrough:
         if not isinstance(name, str) or not name:
             return error(400, "model is required" if name is None or name == "" else "model must be a string")
         try:
-            lease: Lease = await self.fleet.acquire(name)
+            lease: Lease = await self.fleet.acquire(name, endpoint=path.lstrip("/"))
         except ModelNotFound:
             return error(404, f"The model `{name}` does not exist.") if anthropic else \
                 openai_error(404, f"The model `{name}` does not exist.", "model")

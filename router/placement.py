@@ -605,7 +605,7 @@ def _place_gpu(m: Model, f: ModelFacts, rows: dict[int | None, DeviceRow], resul
                 each = "" if tp == 1 else f" each for TP={tp}"
                 rows_text = "; ".join(
                     f"{r.label}: {gib(max(0, r.free_after))} GiB left = {_row_story(r)}"
-                    + (f", to itself" if r.dedicated_to else "")
+                    + (", to itself" if r.dedicated_to else "")
                     for r in gpu_rows
                 )
                 result.refuse(m.name, f"{m.name}: no room: {who} {want} free{each} ({rows_text})")

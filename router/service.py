@@ -65,8 +65,9 @@ def _error_line(message: str) -> bytes:
 
 
 def _upstream_status(e: UpstreamError) -> int:
-    """vLLM's 4xx are the client's to fix and keep their status; anything else is a bad gateway."""
-    return e.status if 400 <= e.status < 500 else 502
+    """vLLM's 4xx are the client's to fix and keep their status; a timeout is a 504; anything else
+    is a bad gateway."""
+    return e.status if 400 <= e.status < 500 or e.status == 504 else 502
 
 
 class OllamaService:
@@ -78,12 +79,12 @@ class OllamaService:
 
     # --- helpers -----------------------------------------------------------------
 
-    async def _lease(self, name: str, keep_alive: wire.KeepAlive) -> Lease:
+    async def _lease(self, name: str, keep_alive: wire.KeepAlive, endpoint: str = "") -> Lease:
         if not name:
             raise ApiError(400, "model is required")
         ka = keep_alive_seconds(keep_alive)
         try:
-            return await self.fleet.acquire(name, ka)
+            return await self.fleet.acquire(name, ka, endpoint)
         except ModelNotFound as e:
             raise ApiError(404, str(e)) from None
         except ModelUnavailable as e:
@@ -107,6 +108,7 @@ class OllamaService:
         try:
             return make()
         except TranslationError as e:
+            lease.status = e.status
             lease.release()
             raise ApiError(e.status, str(e)) from None
 
@@ -134,7 +136,7 @@ class OllamaService:
                 else:
                     await self.fleet.stop_model(rt, "keep_alive 0")
             return Reply(body=_encode(make("unload")))
-        lease = await self._lease(name, keep_alive)
+        lease = await self._lease(name, keep_alive, "load")
         lease.release()
         return Reply(body=_encode(make("load")))
 
@@ -146,7 +148,7 @@ class OllamaService:
             return await self._load_only(req.model, req.keep_alive, lambda reason: wire.GenerateChunk(
                 model=req.model, created_at=now, response="", done=True, done_reason=reason))
         start = self.clock()
-        lease = await self._lease(req.model, req.keep_alive)
+        lease = await self._lease(req.model, req.keep_alive, "generate")
         target = self.target(lease.runtime.model, req.model)
         prompt_ids = None
         if req.context and not req.raw:
@@ -175,7 +177,7 @@ class OllamaService:
                 model=req.model, created_at=now, message=wire.OutMessage(role="assistant", content=""),
                 done=True, done_reason=reason))
         start = self.clock()
-        lease = await self._lease(req.model, req.keep_alive)
+        lease = await self._lease(req.model, req.keep_alive, "chat")
         target = self.target(lease.runtime.model, req.model)
         call = self._translate(lease, lambda: translate.chat_request(req, target))
         state = translate.ChatStream(req.model, translate.Timing(start=start))
@@ -188,8 +190,15 @@ class OllamaService:
             try:
                 body = await self.upstream.post_json(base, call.path, call.body)
             except UpstreamError as e:
+                lease.status = _upstream_status(e)
                 self._unreachable(lease, e)
                 raise ApiError(_upstream_status(e), e.message) from None
+            except BaseException:
+                lease.status = 499  # the client left
+                raise
+            else:
+                usage = body.get("usage") or {}
+                lease.usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
             finally:
                 lease.release()
             now = self.clock()
@@ -207,10 +216,12 @@ class OllamaService:
         except StopAsyncIteration:
             first = []
         except UpstreamError as e:
+            lease.status = _upstream_status(e)
             lease.release()
             self._unreachable(lease, e)
             raise ApiError(_upstream_status(e), e.message) from None
         except BaseException:
+            lease.status = 499
             lease.release()
             await events.aclose()
             raise
@@ -227,6 +238,7 @@ class OllamaService:
         clock = self.clock
         rfc3339 = translate.rfc3339
         chunk = state.chunk
+        sent = False
         try:
             batch: list[dict[str, Any]] | None = first
             while batch is not None:
@@ -234,6 +246,9 @@ class OllamaService:
                 state.stamp = rfc3339()
                 lines = [_encode(c) for data in batch if (c := chunk(data, now)) is not None]
                 if lines:
+                    if not sent:
+                        sent = True
+                        lease.first_token()
                     lines.append(b"")
                     yield b"\n".join(lines)
                 try:
@@ -242,12 +257,18 @@ class OllamaService:
                     batch = None
             yield _line(state.done(clock()))
         except UpstreamError as e:
+            lease.status = 502
             log.warning("%s: stream ended by upstream error: %s", lease.runtime.name, e.message)
             yield _error_line(e.message)
         except StreamAborted as e:
+            lease.status = 502
             log.warning("%s: %s", lease.runtime.name, e)
             yield _error_line(str(e))
+        except BaseException:
+            lease.status = 499  # the client left mid-stream
+            raise
         finally:
+            lease.usage(state.prompt_tokens, state.output_tokens)
             lease.release()
             await events.aclose()
 
@@ -262,7 +283,7 @@ class OllamaService:
 
     async def embed(self, req: wire.EmbedRequest) -> Reply:
         start = self.clock()
-        lease = await self._lease(req.model, req.keep_alive)
+        lease = await self._lease(req.model, req.keep_alive, "embed")
         try:
             target = self.target(lease.runtime.model, req.model)
             call = self._translate(lease, lambda: translate.embed_request(req, target))
@@ -276,7 +297,7 @@ class OllamaService:
         return Reply(body=_encode(translate.embed_response(body, req.model, req.dimensions, metrics)))
 
     async def embeddings(self, req: wire.EmbeddingsRequest) -> Reply:
-        lease = await self._lease(req.model, req.keep_alive)
+        lease = await self._lease(req.model, req.keep_alive, "embeddings")
         try:
             target = self.target(lease.runtime.model, req.model)
             call = self._translate(lease, lambda: translate.embeddings_request(req, target))
