@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 
 import httpx
 import ollama
@@ -100,3 +101,16 @@ def test_process_tree_is_supervisord_with_one_vllm_per_model(server: Server) -> 
     assert len(vllms) == 2
     assert any("--served-model-name tiny-a:latest" in c for c in vllms)
     assert any("--served-model-name tiny-b:latest" in c for c in vllms)
+
+
+def test_metrics_scrape_shows_the_router_and_every_vllm(server: Server, client: ollama.Client) -> None:
+    client.generate(model="tiny-a", prompt="count me", options={"num_predict": 3})
+    text = httpx.get(server.url + "/metrics").text
+    ok = re.search(r'^vllama_requests_total\{endpoint="generate",model="tiny-a:latest",status="200"\} (\S+)$',
+                   text, re.M)
+    assert ok and float(ok.group(1)) >= 1
+    assert re.search(r'^vllama_output_tokens_total\{endpoint="generate",model="tiny-a:latest"\} (\S+)$', text, re.M)
+    assert 'vllama_model_state{model="tiny-b:latest",state="ready"} 1.0' in text
+    # vLLM's own metrics, one scrape for the whole box, labelled by model
+    for model in ("tiny-a:latest", "tiny-b:latest"):
+        assert re.search(rf'^vllm:num_requests_running\{{[^}}]*model="{model}"', text, re.M), model
