@@ -125,12 +125,7 @@ class Api:
             r = self.client.request(method, path, **kw)
         except httpx.ConnectError:
             _fail(f"cannot reach vllama at {self.base}: is `vllama serve` running? (--host or $VLLAMA_HOST)")
-        if r.status_code >= 400:
-            try:
-                msg = r.json().get("error") or r.text
-            except ValueError:
-                msg = r.text
-            _fail(f"{msg} (HTTP {r.status_code})")
+        _check(r)
         return r
 
     def stream(self, method: str, path: str, **kw: Any) -> Iterator[httpx.Response]:
@@ -138,14 +133,21 @@ class Api:
             with self.client.stream(method, path, **kw) as r:
                 if r.status_code >= 400:
                     r.read()
-                    try:
-                        msg = r.json().get("error") or r.text
-                    except ValueError:
-                        msg = r.text
-                    _fail(f"{msg} (HTTP {r.status_code})")
+                    _check(r)
                 yield r
         except httpx.ConnectError:
             _fail(f"cannot reach vllama at {self.base}: is `vllama serve` running? (--host or $VLLAMA_HOST)")
+
+
+def _check(r: httpx.Response) -> None:
+    """Exit with the server's own `{"error": ...}` message on an HTTP error."""
+    if r.status_code < 400:
+        return
+    try:
+        msg = r.json().get("error") or r.text
+    except ValueError:
+        msg = r.text
+    _fail(f"{msg} (HTTP {r.status_code})")
 
 
 def _fail(message: str) -> NoReturn:

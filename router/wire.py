@@ -164,17 +164,6 @@ class Logprob(Struct, omit_defaults=True):
     top_logprobs: list[Logprob] | None = None
 
 
-class Metrics(Struct, omit_defaults=True):
-    """The counters and durations (ns) of a final chunk; zero values are omitted."""
-
-    total_duration: int = 0
-    load_duration: int = 0
-    prompt_eval_count: int = 0
-    prompt_eval_duration: int = 0
-    eval_count: int = 0
-    eval_duration: int = 0
-
-
 class GenerateChunk(Struct, omit_defaults=True):
     model: str
     created_at: str
