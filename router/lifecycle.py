@@ -483,6 +483,18 @@ class Fleet:
         if rt.state == State.READY and not await self._healthy(rt):
             await self._set(rt, State.UNHEALTHY, "a request could not connect")
 
+    async def recover(self, rt: Runtime) -> bool:
+        """After a refused connection: wait (bounded) until `rt` serves again; False if it won't."""
+        if rt.remote:
+            return False
+        await self.suspect(rt)
+        if rt.state != State.READY:
+            try:
+                await self._wait_state(rt, self.config.server.cold_start_timeout)
+            except ModelUnavailable:
+                return False
+        return rt.state == State.READY
+
     async def refresh(self) -> None:
         """One look at every model (the monitor does this every second)."""
         infos: dict[str, dict[str, Any]] = {}

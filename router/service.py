@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -26,6 +26,7 @@ from .upstream import Upstream, UpstreamError
 log = logging.getLogger("vllama.service")
 
 _encode = msgspec.json.Encoder().encode
+T = TypeVar("T")
 
 
 class ApiError(Exception):
@@ -188,7 +189,7 @@ class OllamaService:
         state.timing.upstream = self.clock()
         if not call.body["stream"]:
             try:
-                body = await self.upstream.post_json(base, call.path, call.body)
+                body = await self._retrying(lease, lambda: self.upstream.post_json(base, call.path, call.body))
             except UpstreamError as e:
                 lease.status = _upstream_status(e)
                 self._unreachable(lease, e)
@@ -208,13 +209,20 @@ class OllamaService:
                 return Reply(body=_encode(state.whole(body, now)))
             except StreamAborted as e:
                 raise ApiError(502, str(e)) from None
-        events = self.upstream.events(base, call.path, call.body)
+        events: AsyncIterator[list[dict[str, Any]]] | None = None
+
+        async def first_batch() -> list[dict[str, Any]]:
+            nonlocal events
+            events = self.upstream.events(base, call.path, call.body)
+            try:
+                return await anext(events)
+            except StopAsyncIteration:
+                return []
+
         # Pull the first batch now so an upstream error before any output keeps its
         # status code instead of arriving as a 200 stream with an error line.
         try:
-            first = await anext(events)
-        except StopAsyncIteration:
-            first = []
+            first = await self._retrying(lease, first_batch)
         except UpstreamError as e:
             lease.status = _upstream_status(e)
             lease.release()
@@ -223,9 +231,21 @@ class OllamaService:
         except BaseException:
             lease.status = 499
             lease.release()
-            await events.aclose()
+            if events is not None:
+                await events.aclose()
             raise
+        assert events is not None
         return Reply(stream=self._relay(lease, events, first, state))
+
+    async def _retrying(self, lease: Lease, call: Callable[[], Awaitable[T]]) -> T:
+        """`call`, once more if the model's server refused the connection (it crashed and is
+        coming back): the request waits for the model like any request to a restarting one."""
+        try:
+            return await call()
+        except UpstreamError as e:
+            if not e.unreachable or not await self.fleet.recover(lease.runtime):
+                raise
+        return await call()
 
     async def _relay(self, lease: Lease, events: AsyncIterator[list[dict[str, Any]]],
                      first: list[dict[str, Any]], state: Any) -> AsyncIterator[bytes]:
