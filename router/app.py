@@ -29,8 +29,11 @@ from litestar.response import Stream
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from . import __version__, wire
+from .auth import Guard, KeyStore, too_large_message
 from .catalog import Catalog
+from .limits import Gate, bad_json, error_body
 from .passthrough import passthrough_router
+from .schema import document
 from .service import ApiError, OllamaService, Reply
 
 log = logging.getLogger("vllama.app")
@@ -121,14 +124,17 @@ def _on_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Respo
     return _error(400, detail)
 
 
-def _on_http(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+def _on_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     if isinstance(exc, NotFoundException):
         return _error(404, "404 page not found")
     if isinstance(exc, MethodNotAllowedException):
         return _error(405, "405 method not allowed")
     detail = str(exc.detail)
     if exc.status_code == 400 and (detail.startswith("JSON is malformed") or detail == "Input data was truncated"):
-        detail = f"invalid JSON: {detail[0].lower()}{detail[1:]}"
+        detail = f"invalid JSON: {detail if detail.startswith('JSON') else detail[0].lower() + detail[1:]}"
+    if exc.status_code == 413:  # in the shape of the route's API (the pass-through's too)
+        return Response(error_body(request.url.path, 413, too_large_message(request.app.request_max_body_size or 0)),
+                        status_code=413, media_type="application/json")
     return _error(exc.status_code, detail)
 
 
@@ -143,9 +149,12 @@ def create_app(
     *,
     extra_routes: Sequence[Any] = (),
     max_body_bytes: int = 64 << 20,
+    auth: KeyStore | None = None,
+    max_inflight: int | None = None,
 ) -> Litestar:
     """The Ollama API and the OpenAI/Anthropic pass-through; `extra_routes` adds the
-    admin and metrics routes (see serve)."""
+    admin and metrics routes (see serve). `auth`: API keys (router.auth); `max_inflight`:
+    the server-wide cap on requests in flight (router.limits)."""
     catalog.attach(service.fleet)
 
     @get("/", media_type="text/plain", sync_to_thread=False)
@@ -218,17 +227,27 @@ def create_app(
         head("/api/blobs/{digest:str}", sync_to_thread=False, name="refuse-blobs-head")(blobs_head),
     ]
 
-    return Litestar(
+    middleware: list[Any] = []
+    if auth is not None:
+        middleware.append(Guard(auth, lambda: service.fleet.config, max_body_bytes).middleware)
+    if max_inflight is not None:
+        middleware.append(Gate(max_inflight).middleware)
+    app = Litestar(
         route_handlers=[root, root_head, version, version_head, generate, chat, embed, embeddings, tags, tags_head,
                         show, ps, *refusals, passthrough_router(service.fleet, service.upstream), *extra_routes],
         exception_handlers={
             ApiError: _on_api_error,
             ValidationException: _on_validation,
             HTTPException: _on_http,
+            RecursionError: bad_json,
+            UnicodeDecodeError: bad_json,
             Exception: _on_crash,
         },
         openapi_config=OpenAPIConfig(title="vLLama", version=__version__, path="/openapi"),
         request_max_body_size=max_body_bytes,
+        middleware=middleware,
         debug=False,
         logging_config=None,
     )
+    document(app)
+    return app

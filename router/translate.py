@@ -59,6 +59,9 @@ IGNORED_OPTIONS = frozenset(
 
 THINK_LEVELS = ("low", "medium", "high", "max")
 
+MAX_TEMPERATURE = 100.0
+"""Above this a temperature is noise; refused rather than passed on."""
+
 _json_encode = msgspec.json.Encoder().encode
 _json_decode = msgspec.json.Decoder().decode
 
@@ -130,6 +133,8 @@ def rfc3339(ns: int | None = None) -> str:
 def _int_option(name: str, value: float) -> int:
     if isinstance(value, float) and not math.isfinite(value):
         raise TranslationError(f'option "{name}" must be a finite number')
+    if not -(2**63) <= value < 2**63:  # what Ollama's (Go) decoder accepts; vLLM must never see more
+        raise TranslationError(f'option "{name}" is out of range, got {value:g}')
     return int(value)
 
 
@@ -148,13 +153,16 @@ def sampling(options: wire.Options | None, target: Target) -> dict[str, Any]:
     o = options
     if o.num_predict is not None:
         n = _int_option("num_predict", o.num_predict)
+        if n < -2:
+            raise TranslationError(f'option "num_predict" must be -1 (no limit), -2 (fill the context) '
+                                   f'or a number of tokens, got {n}')
         if n > 0:
             if target.max_model_len is not None and n > target.max_model_len:
                 # vLLM refuses max_tokens above max_model_len; Ollama stops at the context's end.
                 n = target.max_model_len
             out["max_tokens"] = n
     if o.temperature is not None:
-        out["temperature"] = _range("temperature", o.temperature, 0)
+        out["temperature"] = _range("temperature", o.temperature, 0, MAX_TEMPERATURE)
     if o.top_p is not None:
         out["top_p"] = _range("top_p", o.top_p, 0, 1) or 1.0
     if o.top_k is not None:
@@ -476,6 +484,8 @@ def embed_request(req: wire.EmbedRequest, target: Target) -> UpstreamCall:
     """/api/embed → /v1/embeddings. ``truncate`` (default true) cuts inputs to the context;
     ``dimensions`` is applied to the answer (`embed_response`), so every model honours it."""
     _check_embedding(target)
+    if req.dimensions is not None and req.dimensions < 0:
+        raise TranslationError(f"dimensions must be a positive number, got {req.dimensions}")
     body: dict[str, Any] = {"model": target.name, "input": embed_inputs(req)}
     if req.truncate is not False:
         body["truncate_prompt_tokens"] = -1

@@ -60,6 +60,53 @@ POOLS = 16
 KEEPALIVE_EXPIRY = 4.0
 
 
+class _Stall:
+    """Cancels the running task if, once armed, it waits on the upstream for `seconds` (a stall).
+
+    Cheaper than an ``asyncio.timeout`` per chunk: arming only stamps the time; the timer is
+    re-armed once per period. `fired` tells (and absorbs) a cancellation that came from here.
+    """
+
+    __slots__ = ("seconds", "loop", "task", "last", "handle", "expired", "waiting")
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        self.last = 0.0
+        self.handle: asyncio.TimerHandle | None = None
+        self.expired = False
+        self.waiting = False
+
+    def arm(self) -> None:
+        """Waiting on the upstream from now."""
+        self.last = self.loop.time()
+        self.waiting = True
+        if self.handle is None:
+            self.handle = self.loop.call_at(self.last + self.seconds, self._check)
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        if not self.waiting or now - self.last < self.seconds:
+            self.handle = self.loop.call_at((self.last if self.waiting else now) + self.seconds, self._check)
+            return
+        self.handle = None
+        self.expired = True
+        if self.task is not None:
+            self.task.cancel()
+
+    def fired(self) -> bool:
+        if self.expired and self.task is not None:
+            self.task.uncancel()
+            return True
+        return False
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
 class Upstream:
     """The router's HTTP client to every vLLM server: keep-alive connections in a few pools."""
 
@@ -193,30 +240,26 @@ class Upstream:
             raise _transport_error(e, base_url) from None
 
         async def body_iter() -> AsyncIterator[bytes]:
-            raw = resp.aiter_raw()
-            between = self.timeouts.between_tokens
-            first = True
+            # The first read waits up to first_token (httpx's read timeout); later ones up to
+            # between_tokens, watched by one timer re-armed per period rather than per chunk.
+            watch = _Stall(self.timeouts.between_tokens)
             try:
-                while True:
-                    try:
-                        if first:  # the first token: httpx's read timeout (first_token)
-                            chunk = await anext(raw)
-                            first = False
-                        else:
-                            async with asyncio.timeout(between):
-                                chunk = await anext(raw)
-                    except StopAsyncIteration:
-                        return
+                async for chunk in resp.aiter_raw():
+                    watch.waiting = False  # the client's time to read is not the model's
                     yield chunk
-            except (httpx.HTTPError, TimeoutError) as e:
+                    watch.arm()
+            except (httpx.HTTPError, TimeoutError, asyncio.CancelledError) as e:
+                if isinstance(e, asyncio.CancelledError) and not watch.fired():
+                    raise
                 # Mid-stream failure: the client sees a cut SSE stream, as with vLLM itself,
                 # ended by an error event saying why.
                 if "event-stream" in resp.headers.get("content-type", ""):
-                    err = _transport_error(e, base_url)
+                    err = _transport_error(TimeoutError() if watch.expired else e, base_url)
                     yield b"data: " + _encode({"error": {"message": err.message, "type": "APIError",
                                                          "param": None, "code": err.status}}) + b"\n\n"
                 return
             finally:
+                watch.cancel()
                 await resp.aclose()
 
         keep = {k: v for k, v in resp.headers.items() if k.lower() in ("content-type", "cache-control")}
