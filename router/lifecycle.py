@@ -541,6 +541,10 @@ class Fleet:
                 no_room = await self._place(rt)
                 if no_room is None:
                     break
+                if placement.is_lasting(no_room):
+                    rt.queued = False
+                    await self._set(rt, State.FAILED, f"does not fit: {no_room}")
+                    return
             # Wait (bounded) for memory: a model may go idle and become evictable.
             if time.monotonic() > deadline:
                 rt.queued, rt.wanted = False, False

@@ -715,6 +715,16 @@ def _place_cpu(m: Model, f: ModelFacts, row: DeviceRow, result: Plan) -> None:
 # --- eviction -----------------------------------------------------------------
 
 
+#: Refusals that waiting (for idle models to stop) cannot cure: a budget too small for the
+#: weights, an unknown size, a GPU that is not there. Anything else is a lack of room.
+_LASTING = ("cannot size", "needs ≥", "is not available", "no GPU is visible")
+
+
+def is_lasting(problem: str) -> bool:
+    """Whether a refusal will stand however long one waits (see `_LASTING`)."""
+    return any(marker in problem for marker in _LASTING)
+
+
 def evictable(
     model: Model,
     inventory: Inventory | HostMemory,

@@ -32,7 +32,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_model
         {"name": "tiny-a", "source": str(tiny_model), "max_model_len": 1024},
         {"name": "tiny-b", "source": str(tiny_model_b), "max_model_len": 1024},
         {"name": "missing", "source": str(root / "nowhere"), "load": "on_demand"},
-        {"name": "broken", "source": str(broken), "load": "on_demand"},
+        # memory_gb: its (absent) weights cannot size a budget; vLLM must get to fail on its own
+        {"name": "broken", "source": str(broken), "load": "on_demand", "memory_gb": 3},
+        {"name": "unsized", "source": str(broken), "load": "on_demand"},
     ])
     text = cfg.read_text().replace("engine:\n", "engine:\n  startretries: 1\n")
     cfg.write_text(text)
@@ -156,12 +158,17 @@ def test_vllm_that_cannot_load_fails_with_its_own_error(fleet: Server) -> None:
     assert "NoSuchArchitecture" in msg or "NoSuchArchitecture" in "\n".join(s["log_tail"])
 
 
+def test_a_model_that_cannot_be_sized_fails_at_once(fleet: Server) -> None:
+    r = generate(fleet, "unsized")
+    assert r.status_code == 503 and "cannot size its RAM budget" in r.json()["error"]
+
+
 def test_ps_json_and_plain_table(fleet: Server) -> None:
     env = {**os.environ, "VLLAMA_HOST": fleet.url}
     out = subprocess.run([sys.executable, "-m", "router.cli", "ps", "--json"], env=env, capture_output=True,
                          text=True, check=True).stdout
     models = {m["name"]: m for m in json.loads(out)}
-    assert set(models) == {"tiny-a:latest", "tiny-b:latest", "missing:latest", "broken:latest"}
+    assert set(models) == {"tiny-a:latest", "tiny-b:latest", "missing:latest", "broken:latest", "unsized:latest"}
     a = models["tiny-a:latest"]
     assert a["state"] == "ready" and a["port"] and a["pid"] and a["uptime"] >= 0
     assert a["vllm_running"] == 0 and a["vllm_waiting"] == 0
