@@ -41,6 +41,8 @@ log = logging.getLogger("vllama.lifecycle")
 
 FOREVER = math.inf
 LOG_TAIL_LINES = 50
+UNHEALTHY_AFTER = 3
+"""Failed /health probes in a row (one a second) before a ready model counts as unhealthy."""
 
 
 class State(StrEnum):
@@ -89,6 +91,7 @@ class Runtime:
     expires_at: float | None = None
     log_tail: list[str] = field(default_factory=list)
     wanted: bool = False
+    failed_probes: int = 0
     failed_starts: int = 0
     """Exits since the last time it was ready (crash-loop detection)."""
     queued: bool = False
@@ -416,11 +419,15 @@ class Fleet:
                 rt.started_at = None
                 await self._set(rt, State.STARTING, f"process {pid} started; waiting for /health")
             if await self._healthy(rt):
+                rt.failed_probes = 0
                 if rt.state != State.READY and await self._serves_name(rt):
                     rt.failed_starts = 0
                     await self._set(rt, State.READY, f"process {pid} answers /health")
             elif rt.state == State.READY:
-                await self._set(rt, State.UNHEALTHY, "process lives but /health fails")
+                # One slow answer on a busy machine is not a sick server: three in a row are.
+                rt.failed_probes += 1
+                if rt.failed_probes >= UNHEALTHY_AFTER:
+                    await self._set(rt, State.UNHEALTHY, f"process lives but /health failed {rt.failed_probes} times")
         elif sstate in ("BACKOFF", "EXITED"):
             rt.pid = None
             if sstate == "EXITED" and info and info.get("exitstatus") == 0 and not rt.wanted:
