@@ -103,7 +103,12 @@ class RssSampler:
                 "rss_peak_mb": round(max(values, default=0) * MB, 1),
                 "rss_end_mb": round(end * MB, 1),
                 "rss_growth_pct": round((end - baseline) / baseline * 100, 1) if baseline else None,
-                "rss_slope_mb_per_min_2nd_half": slope, "rss_samples": len(values)}
+                "rss_slope_mb_per_min_2nd_half": slope, "rss_samples": len(values),
+                "rss_every_10pct_mb": [round(self._at(span * i / 10) * MB, 1) for i in range(11)]}
+
+    def _at(self, t: float) -> int:
+        """The sample nearest to `t` seconds."""
+        return min(self.samples, key=lambda s: abs(s[0] - t))[1] if self.samples else 0
 
 
 def _errors(batches: list[Batch]) -> tuple[int, int, Counter[str]]:
@@ -371,7 +376,7 @@ async def kill_soak(url: str, models: list[str], minutes: float, every: float, c
                     log.kills.append({"at_s": round(time.monotonic() - t0), "model": name, "error": str(e)})
                     continue
                 pid = status.get("pid")
-                entry = {"at_s": round(time.monotonic() - t0), "model": name, "state": status.get("state"),
+                entry = {"at_s": round(time.monotonic() - t0, 2), "model": name, "state": status.get("state"),
                          "pid": pid}
                 if pid:
                     try:
@@ -380,7 +385,7 @@ async def kill_soak(url: str, models: list[str], minutes: float, every: float, c
                     except ProcessLookupError:
                         entry["killed"] = False
                 log.kills.append(entry)
-                print(f"  t={entry['at_s']:>4}s killed {name} (pid {pid}, was {entry['state']})", flush=True)
+                print(f"  t={entry['at_s']:>6.1f}s killed {name} (pid {pid}, was {entry['state']})", flush=True)
 
     async def progress() -> None:
         while time.monotonic() < deadline:
@@ -417,7 +422,8 @@ def cmd_kill(a: argparse.Namespace) -> int:
     errors = Counter(re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", o.detail)[:120]
                      for o in log.outcomes if o.kind == "error")
     for k in log.kills:  # how long until the killed model answered again
-        after = [o.ended_at for o in log.outcomes if o.model == k["model"] and o.kind == "ok" and o.ended_at > k["at_s"]]
+        after = [o.ended_at for o in log.outcomes if o.model == k["model"] and o.kind == "ok"
+                 and o.ended_at - o.seconds > k["at_s"]]  # started after the kill
         k["served_again_after_s"] = round(min(after) - k["at_s"], 1) if after else None
         k["errors_for_it"] = sum(1 for o in log.outcomes if o.model == k["model"] and o.kind == "error"
                                  and k["at_s"] <= o.ended_at <= k["at_s"] + 60)
@@ -428,8 +434,9 @@ def cmd_kill(a: argparse.Namespace) -> int:
                       for api in ("ollama", "openai") for st in (True, False)}, "requests": len(log.outcomes), "outcomes": dict(kinds),
            "error_messages": dict(errors.most_common(10)),
            "unclear": [asdict(o) for o in log.outcomes if o.kind in ("unclear", "hang")][:20],
+           "errors": [asdict(o) for o in log.outcomes if o.kind == "error"][:50],
            "slowest_s": max((o.seconds for o in log.outcomes), default=None)}
-    _print({k: v for k, v in res.items() if k not in ("kills", "unclear")})
+    _print({k: v for k, v in res.items() if k not in ("kills", "unclear", "errors")})
     for k in log.kills:
         print(f"  kill at {k['at_s']}s: {k['model']} served again after {k.get('served_again_after_s')}s, "
               f"{k.get('errors_for_it')} requests ended with an error")
