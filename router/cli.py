@@ -118,7 +118,9 @@ class Api:
 
     def __init__(self, host: str | None) -> None:
         self.base = _base_url(host)
-        self.client = httpx.Client(base_url=self.base, timeout=httpx.Timeout(30.0, read=None))
+        key = os.environ.get("VLLAMA_API_KEY")
+        self.client = httpx.Client(base_url=self.base, timeout=httpx.Timeout(30.0, read=None),
+                                   headers={"Authorization": f"Bearer {key}"} if key else None)
 
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
@@ -174,7 +176,8 @@ def _ago(seconds: float | None) -> str:
 STATE_STYLE = {"ready": "green", "starting": "yellow", "restarting": "yellow", "unhealthy": "magenta",
                "failed": "bold red", "stopped": "dim"}
 
-host_option = click.option("--host", envvar="VLLAMA_HOST", help="vllama server (default 127.0.0.1:11434)")
+host_option = click.option("--host", envvar="VLLAMA_HOST",
+                           help="vllama server (default 127.0.0.1:11434); $VLLAMA_API_KEY is sent as its key")
 json_option = click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 
 

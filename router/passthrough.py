@@ -109,8 +109,17 @@ class Passthrough:
             body = _encode(data)
         headers = {k: v for k in _FORWARD if (v := request.headers.get(k)) is not None}
         headers.setdefault("content-type", "application/json")
+        def send() -> Any:
+            return self.upstream.relay(lease.runtime.base_url, path, body, headers)
+
         try:
-            status, resp_headers, chunks = await self.upstream.relay(lease.runtime.base_url, path, body, headers)
+            try:
+                status, resp_headers, chunks = await send()
+            except UpstreamError as e:
+                # The server was gone (crashed, restarting): wait for it like any request would.
+                if not e.unreachable or not await self.fleet.recover(lease.runtime):
+                    raise
+                status, resp_headers, chunks = await send()
         except UpstreamError as e:
             lease.release()
             return error(502 if e.status >= 500 else e.status, e.message)
