@@ -646,6 +646,14 @@ class _Stream:
         if engine:
             self.engine = engine
 
+    def _choice(self, data: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        """Take the usage a chunk carries; return its first choice (None for a usage-only chunk)."""
+        usage = data.get("usage")
+        if usage:
+            self._usage(usage, data.get("metrics"))
+        choices = data.get("choices")
+        return choices[0] if choices else None
+
     def _finish(self, reason: str) -> None:
         if reason == "abort" or reason == "error":
             raise StreamAborted("the model server aborted the generation" if reason == "abort"
@@ -693,13 +701,9 @@ class GenerateStream(_Stream):
 
     def chunk(self, data: Mapping[str, Any], now: int) -> wire.GenerateChunk | None:
         """One upstream chunk → one Ollama chunk (None if it carries nothing to show)."""
-        usage = data.get("usage")
-        if usage:
-            self._usage(usage, data.get("metrics"))
-        choices = data.get("choices")
-        if not choices:
+        choice = self._choice(data)
+        if choice is None:
             return None
-        choice = choices[0]
         reason = choice.get("finish_reason")
         if reason:
             self._finish(reason)
@@ -791,13 +795,9 @@ class ChatStream(_Stream):
         return ready
 
     def chunk(self, data: Mapping[str, Any], now: int) -> wire.ChatChunk | None:
-        usage = data.get("usage")
-        if usage:
-            self._usage(usage, data.get("metrics"))
-        choices = data.get("choices")
-        if not choices:
+        choice = self._choice(data)
+        if choice is None:
             return None
-        choice = choices[0]
         delta = choice.get("delta") or {}
         text = delta.get("content") or ""
         thinking = delta.get("reasoning") or delta.get("reasoning_content")
