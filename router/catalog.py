@@ -83,6 +83,23 @@ def model_dir(config: Config, model: Model) -> Path | None:
     return snap.path if snap is not None and snap.path.is_dir() else None
 
 
+def download_state(config: Config, model: Model) -> str:
+    """Whether the model's files are here: what `vllama list` shows beside the size."""
+    if model.url is not None:
+        return "remote"
+    if is_local_source(model.source):
+        return "local" if Path(config.source_path(model)).is_dir() else "missing"
+    try:
+        from . import hub
+
+        snap = hub.local_snapshot(model.source, model.revision)
+    except Exception:  # noqa: BLE001 - an unreadable cache is as good as no cache here
+        snap = None
+    if snap is None:
+        return "not downloaded"
+    return "downloaded" if snap.complete else "partial"
+
+
 def context_length(config: Config, model: Model) -> int | None:
     """The context vLLM serves the model with: max_model_len, else config.json's."""
     if model.max_model_len:
@@ -282,7 +299,8 @@ class Catalog:
     def listed(self, model: Model) -> wire.ListedModel:
         f = self.facts(model)
         return wire.ListedModel(name=model.name, model=model.name, modified_at=_local(self._modified(f)),
-                                size=f.size, digest=f.digest, details=f.details)
+                                size=f.size, digest=f.digest, details=f.details,
+                                download=download_state(self.config, model))
 
     def tags(self) -> wire.TagsResponse:
         """Every model of the registry, newest first (as Ollama lists them)."""

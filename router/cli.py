@@ -236,8 +236,8 @@ def list_(host: str | None, as_json: bool) -> None:
         click.echo(json.dumps(models, indent=2))
         return
     rows = [[m["name"], (m.get("digest") or "")[:12], _gib(m.get("size")) if m.get("size") else "-",
-             m.get("modified_at", "")[:19].replace("T", " ")] for m in models]
-    _table("registry", ["NAME", "ID", "SIZE", "MODIFIED"], rows)
+             m.get("download", ""), m.get("modified_at", "")[:19].replace("T", " ")] for m in models]
+    _table("registry", ["NAME", "ID", "SIZE", "FILES", "MODIFIED"], rows)
 
 
 @cli.command()

@@ -216,6 +216,8 @@ class ListedModel(Struct, omit_defaults=True):
     size: int
     digest: str
     details: ModelDetails
+    download: str = ""
+    """vLLama's addition (clients ignore it): downloaded, partial, not downloaded, local, remote."""
 
 
 class RunningModel(Struct):

@@ -61,6 +61,7 @@ def test_tags_and_show_from_a_local_directory(model_dir: Path, tmp_path: Path) -
     assert listed.name == listed.model == "m:latest"
     assert listed.size == sum(p.stat().st_size for p in model_dir.iterdir())
     assert len(listed.digest) == 64
+    assert listed.download == "local"
     details = listed.details
     assert (details.format, details.family, details.families) == ("safetensors", "llama", ["llama"])
     assert details.parameter_size == "13K"  # 100*64*2 + 64 parameters, from the safetensors header
@@ -103,6 +104,9 @@ def test_a_model_from_the_hugging_face_cache(tmp_path: Path, monkeypatch: pytest
     c = cat.Catalog(config)
     listed = c.tags().models[0]
     assert listed.details.family == "llama" and listed.size > 0
+    assert listed.download in ("downloaded", "partial")  # a hand-made snapshot has no pull manifest
+    missing = parse({"models": [{"name": "n", "source": "org/absent"}]})
+    assert cat.Catalog(missing).tags().models[0].download == "not downloaded"
     show = c.show("t")
     assert show is not None and show.capabilities == ["embedding"]
     assert cat.context_length(config, config.models[0]) == 2048  # no max_model_len: config.json's
@@ -113,6 +117,7 @@ def test_nothing_is_invented_without_files(tmp_path: Path) -> None:
     c = cat.Catalog(config)
     listed = c.tags().models[0]
     assert (listed.size, listed.digest, listed.details.family, listed.details.parameter_size) == (0, "", "", "")
+    assert listed.download == "remote"
     show = c.show("r")
     assert show is not None and show.model_info == {} and show.template == "" and show.capabilities == ["completion"]
 

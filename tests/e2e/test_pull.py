@@ -65,6 +65,9 @@ def test_missing_model_then_pull_with_ollama_progress_then_serve(
         client.generate(model="manual", prompt="hi")
     assert e.value.status_code == 404 and "vllama pull manual" in str(e.value)
     assert httpx.get(srv.url + "/vllama/models/manual").json()["state"] == "missing"
+    tags = {m["name"]: m for m in httpx.get(srv.url + "/api/tags").json()["models"]}
+    assert tags["manual:latest"]["download"] == "not downloaded"
+    assert tags["pulled:latest"]["download"] == "downloaded" and tags["pulled:latest"]["size"] > 0
 
     events = list(client.pull("manual", stream=True))
     statuses = [ev.status for ev in events]
