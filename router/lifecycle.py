@@ -868,9 +868,9 @@ class Fleet:
         if rt.held:
             raise ModelUnavailable(f'model "{rt.name}" was stopped by an admin; `vllama start {rt.name}` serves it again')
         if rt.state != State.READY:
-            if rt.state == State.FAILED and rt.wanted and not rt.always:
-                pass  # an on-demand model that failed may be retried by a new request
-            elif rt.state == State.FAILED:
+            # A failed `always` model, or one that crash-looped, stays failed until an admin
+            # starts it; an on-demand model whose start was refused is tried again.
+            if rt.state == State.FAILED and (rt.always or not rt.wanted):
                 raise ModelUnavailable(f'model "{rt.name}" failed: {rt.reason}')
             if rt.waiting >= rt.model.max_queue:
                 raise ModelUnavailable(
