@@ -28,9 +28,13 @@ def no_leftovers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
             pass
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_model_b: Path) -> Iterator[Server]:
-    """`vllama serve` with two models (different weights), each on its own vLLM."""
+    """`vllama serve` with two models (different weights), each on its own vLLM.
+
+    Per module, not per session: a server kept for the whole session would hold ~5 GB of RAM
+    while other modules' servers run, and the memory planner rightly refuses models then.
+    """
     root = tmp_path_factory.mktemp("e2e")
     cfg = write_config(root / "models.yaml", [
         {"name": "tiny-a", "aliases": ["alpha"], "source": str(tiny_model), "max_model_len": 1024},
@@ -46,7 +50,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_mode
         assert state_processes(srv.state_dir) == [], "vLLM or supervisord processes outlived vllama serve"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def embed_server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Server]:
     """A second `vllama serve` with `tiny-embed`: the tiny model served with ``--runner pooling``.
 
