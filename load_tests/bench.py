@@ -467,22 +467,19 @@ def cmd_overhead(a: argparse.Namespace) -> int:
     levels = _levels(a.levels)
     result: dict[str, Any] = {"server_cpus": sorted(server_cpus or []), "client_cpus": sorted(rest or [])}
     with harness.Stack() as stack:
-        fake, fake_url = harness.fake_upstream(stack, cpus=rest, name="fake")
+        _, fake_url = harness.fake_upstream(stack, cpus=rest, name="fake")
         paced, paced_url = harness.fake_upstream(stack, cpus=rest, rate=a.paced_rate, name="fake-paced")
         procs: dict[str, harness.Proc | None] = {}
         targets = [Target("fake direct", fake_url, "openai", "chat", "fake")]
         procs["fake direct"] = None
-        router_proc = router_url = None
         has_v1 = False
         if a.router:
             models = [{"name": "fake", "source": "fake/fake", "url": fake_url},
                       {"name": "paced", "source": "fake/paced", "url": paced_url}]
             # One router per --router-src (before/after comparisons, interleaved in one run).
-            for i, src in enumerate(a.router_src or [None]):
+            for src in a.router_src or [None]:
                 tag = f"[{Path(src).name}]" if a.router_src and len(a.router_src) > 1 else ""
                 proc, url = harness.router(stack, models, cpus=server_cpus, ready_models=["fake", "paced"], src=src)
-                if i == 0:
-                    router_proc, router_url = proc, url
                 for ep in a.ollama_endpoints.split(","):
                     if ep:
                         name = f"vllama{tag} /api/{ep}"
@@ -529,7 +526,8 @@ def cmd_overhead(a: argparse.Namespace) -> int:
                            if t.name.startswith("vllama") and (t.name.endswith("/api/chat") or t.name.endswith("/v1"))]
                 if lite_proc is not None and a.litellm_max_conc >= a.rss_streams:
                     servers.append(("litellm proxy", lite_url, "openai", lite_proc, lite_auth))
-                servers.append(("fake direct", paced_url, "openai", None, {}))
+                # The fake's own figures: what a bare server writing each token costs.
+                servers.append(("fake direct", paced_url, "openai", paced, {}))
                 for name, url, api, proc, headers in servers:
                     t = Target(name, url, api, "chat", "paced", headers=headers)
                     r = await paced_run(t, proc, a.rss_streams, int(a.paced_rate * a.paced_seconds))
@@ -549,10 +547,11 @@ def cmd_overhead(a: argparse.Namespace) -> int:
                 [[s["target"], s["added_lat_p50_ms"], s["added_ttft_p50_ms"], s["max_chunks_s"],
                   s["max_chunks_at"], s["cpu_us_per_chunk"]] for s in summary])
     if result.get("rss"):
-        print_table("open streams", ["server", "streams", "RSS before MB", "RSS peak MB", "chunks/s delivered",
-                                     "offered", "errors"],
+        print_table("open streams (one token per write)", ["server", "streams", "RSS before MB", "RSS peak MB",
+                                                           "chunks/s delivered", "offered", "server CPU µs/chunk",
+                                                           "errors"],
                     [[r["target"], r["streams"], r["rss_before_mb"], r["rss_peak_mb"], r["chunks_s"],
-                      r["offered_chunks_s"], r["errors"]] for r in result["rss"]])
+                      r["offered_chunks_s"], r.get("cpu_us_per_chunk"), r["errors"]] for r in result["rss"]])
     write_results(Path(a.out), "overhead", a, result,
                   lambda p: plot_rows(thr_rows, p, "router overhead: chunks/s relayed on one core",
                                       throughput="chunks_s"))
@@ -581,8 +580,14 @@ def overhead_summary(lat: Sequence[Row], thr: Sequence[Row], names: Sequence[str
 
 
 async def paced_run(t: Target, proc: harness.Proc | None, streams: int, tokens: int) -> dict[str, Any]:
-    """`streams` concurrent slow streams; sample the server's RSS while they are open."""
+    """`streams` concurrent slow streams; sample the server's RSS while they are open.
+
+    Also the server's CPU per chunk: here every token comes in a write of its own, as from
+    vLLM (one token per stream per engine step), so each costs a read, a write and a turn of
+    the loop; the throughput rows, with tokens as fast as asked, relay many per read.
+    """
     before = proc.rss() if proc else 0
+    cpu0 = _cpu(proc)
     peak = before
     done = asyncio.Event()
 
@@ -599,15 +604,18 @@ async def paced_run(t: Target, proc: harness.Proc | None, streams: int, tokens: 
     finally:
         done.set()
         await s
+    cpu = _cpu(proc) - cpu0
     row = summarize([b])
+    chunks = sum(r.chunks for r in b.results if r.ok)
     mb = 1 / 2**20
     r = {"target": t.name, "streams": streams, "tokens_per_stream": tokens,
          "rss_before_mb": round(before * mb, 1) if proc else None,
          "rss_peak_mb": round(peak * mb, 1) if proc else None, "chunks_s": row.chunks_s,
          "offered_chunks_s": None, "errors": row.errors, "lat_p50_ms": row.lat_p50_ms,
+         "cpu_us_per_chunk": round(cpu / chunks * 1e6, 1) if proc and chunks else None,
          "first_error": row.first_error}
     print(f"  {t.name:20s} {streams} streams: RSS {r['rss_before_mb']} → peak {r['rss_peak_mb']} MB, "
-          f"{row.chunks_s:,.0f} chunks/s, errors {row.errors}", flush=True)
+          f"{row.chunks_s:,.0f} chunks/s, {r['cpu_us_per_chunk']} µs CPU/chunk, errors {row.errors}", flush=True)
     return r
 
 

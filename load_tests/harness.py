@@ -75,17 +75,15 @@ class Proc:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Proc:
-        out = open(self.log, "ab")
         cpus = self.cpus
 
-        def pre() -> None:
-            if cpus:
-                os.sched_setaffinity(0, cpus)
+        def pin() -> None:  # in the child before exec: one syscall, so its threads inherit the set
+            os.sched_setaffinity(0, cpus)  # type: ignore[arg-type]
 
-        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env}, preexec_fn=pre,
-                                     cwd=self.cwd)
-        out.close()
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
+                                         preexec_fn=pin if cpus else None, cwd=self.cwd)  # noqa: PLW1509
         return self
 
     @property
@@ -250,9 +248,10 @@ def litellm(stack: Stack, models: dict[str, str], *, cpus: set[int] | None = Non
 
 
 def vllm(stack: Stack, model_dir: str, name: str, *, max_num_seqs: int | None = None, max_model_len: int = 1024,
-         timeout: float = 300, label: str = "vllm") -> tuple[Proc, str]:
+         timeout: float = 300, label: str = "vllm", nice: int = 10) -> tuple[Proc, str]:
+    """A vLLM server on its own, at the CPU priority vLLama gives its vLLMs (engine.nice)."""
     port = free_port()
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+    argv = ["nice", "-n", str(nice), sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
             "--served-model-name", name, "--port", str(port), "--host", "127.0.0.1", "--enforce-eager",
             "--max-model-len", str(max_model_len)]
     if max_num_seqs:

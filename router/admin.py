@@ -11,13 +11,13 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgspec
 from litestar import Response, Router, delete, get, post
+from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.response import Stream
 
 from . import hub, supervisor, wire
@@ -116,7 +116,7 @@ def library_routes(fleet: Fleet) -> list[Any]:
     """``/api/pull`` and ``/api/delete``: the HF cache vLLM reads, in Ollama's shapes."""
 
     @post("/api/pull", status_code=200)
-    async def pull(data: wire.ModelRequest) -> Response[Any] | Stream:
+    async def pull(data: JSONBody[wire.ModelRequest]) -> Response[Any] | Stream:
         name = data.target
         if not name:
             raise ApiError(400, "model is required")
@@ -139,7 +139,7 @@ def library_routes(fleet: Fleet) -> list[Any]:
         return Response({"status": "success"})
 
     @delete("/api/delete", status_code=200)
-    async def remove(data: wire.ModelRequest) -> None:
+    async def remove(data: JSONBody[wire.ModelRequest]) -> None:
         name = data.target
         if not name:
             raise ApiError(400, "model is required")
@@ -183,29 +183,29 @@ def admin_router(fleet: Fleet, usage: Usage = _no_usage) -> Router:
         return list(await asyncio.gather(*(model_status(fleet, rt, usage) for rt in fleet.runtimes.values())))
 
     @get("/models/{name:str}")
-    async def show_model(name: str) -> ModelStatus:
+    async def show_model(name: FromPath[str]) -> ModelStatus:
         return await model_status(fleet, runtime(name), usage, tail=True)
 
     @post("/models/{name:str}/start", status_code=202)
-    async def start_model(name: str) -> ModelStatus:
+    async def start_model(name: FromPath[str]) -> ModelStatus:
         rt = local(runtime(name))
         await fleet.start_model(rt)
         return await model_status(fleet, rt, usage)
 
     @post("/models/{name:str}/stop", status_code=200)
-    async def stop_model(name: str) -> ModelStatus:
+    async def stop_model(name: FromPath[str]) -> ModelStatus:
         rt = local(runtime(name))
         await fleet.stop_model(rt, "stopped by admin", hold=True)
         return await model_status(fleet, rt, usage)
 
     @post("/models/{name:str}/restart", status_code=202)
-    async def restart_model(name: str) -> ModelStatus:
+    async def restart_model(name: FromPath[str]) -> ModelStatus:
         rt = local(runtime(name))
         await fleet.restart_model(rt)
         return await model_status(fleet, rt, usage)
 
     @get("/models/{name:str}/logs", media_type="text/plain")
-    async def logs(name: str, lines: int = 100, follow: bool = False) -> Stream:
+    async def logs(name: FromPath[str], lines: FromQuery[int] = 100, follow: FromQuery[bool] = False) -> Stream:
         rt = local(runtime(name))
         path = fleet.log_path(rt)
         if path is None:
@@ -228,6 +228,12 @@ def admin_router(fleet: Fleet, usage: Usage = _no_usage) -> Router:
                                                     restart_model, logs, reload, config_status])
 
 
+def _read_range(path: Any, start: int, end: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.read(end - start)
+
+
 async def _follow(path: Any, lines: int, follow: bool) -> AsyncIterator[bytes]:
     """The last `lines` lines, then (with `follow`) whatever is appended, like ``tail -f``."""
     for line in supervisor.tail_file(path, lines, max_bytes=max(256 * 1024, lines * 400)):
@@ -247,8 +253,6 @@ async def _follow(path: Any, lines: int, follow: bool) -> AsyncIterator[bytes]:
         if size < pos:  # rotated
             pos = 0
         if size > pos:
-            with open(path, "rb") as f:
-                f.seek(pos)
-                data = f.read(size - pos)
+            data = await asyncio.to_thread(_read_range, path, pos, size)
             pos = size
             yield data

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,10 @@ class Engine(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """First port tried for models whose `port` is null."""
     stopwaitsecs: int = 20
     startretries: int = 3
+    nice: int = 10
+    """CPU priority of the vLLM servers below the router's (nice(1), 0–19). vLLM's engine
+    busy-polls while it generates: on a box with no spare core, a router at the same
+    priority waits seconds for the CPU (measured: load_tests/README.md)."""
 
 
 class Model(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -187,14 +192,14 @@ def resolve_source(source: str, base_dir: Path) -> str:
     return str((base_dir / os.path.expanduser(source)).resolve())
 
 
-def parse_duration(value: str | int | float) -> float:
+def parse_duration(value: str | float) -> float:
     """Seconds from Ollama's keep_alive: a number of seconds or a Go duration.
 
     Negative means forever (``inf``). A unit-less string other than "0" is an
     error, as in Ollama (`time: missing unit in duration "300"`).
     """
     if isinstance(value, bool):
-        raise ValueError(f"invalid duration {value!r}")
+        raise ValueError(f"invalid duration {value!r}")  # noqa: TRY004 - callers report ValueError as bad input
     if isinstance(value, (int, float)):
         return float("inf") if value < 0 else float(value)
     s = value.strip()
@@ -357,6 +362,8 @@ def parse(data: Any, *, path: Path | None = None, base_dir: Path | None = None) 
         reg.models = models
         if not 1 <= reg.server.port <= 65535:
             problems.append(f"server.port: {reg.server.port} is not a TCP port")
+        if not 0 <= reg.engine.nice <= 19:
+            problems.append(f"engine.nice: must be 0 (same priority as the router) to 19, got {reg.engine.nice}")
         _check_models(reg, problems)
     if problems:
         raise ConfigError(problems, str(path) if path else None)
@@ -366,13 +373,20 @@ def parse(data: Any, *, path: Path | None = None, base_dir: Path | None = None) 
     return Config(reg, path=path, base_dir=base.resolve())
 
 
-def load(path: str | os.PathLike[str] | None = None) -> Config:
-    """Read and validate `path` (default: $VLLAMA_CONFIG, else configs/models.yaml)."""
-    p = Path(path or os.environ.get("VLLAMA_CONFIG") or DEFAULT_CONFIG)
+def load(path: str | os.PathLike[str] | None = None, *, allow_empty: bool = True) -> Config:
+    """Read and validate `path` (default: $VLLAMA_CONFIG, else configs/models.yaml).
+
+    An empty file is an empty registry unless `allow_empty` is False (a reload:
+    an empty file there is far more likely a save caught half-way than an
+    instruction to stop every model; `models: []` says that).
+    """
+    p = config_path(path)
     try:
         text = p.read_text()
     except OSError as e:
         raise ConfigError([f"cannot read: {e.strerror or e}"], str(p)) from None
+    if not allow_empty and not text.strip():
+        raise ConfigError(["the file is empty (write `models: []` to stop every model)"], str(p))
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -380,3 +394,38 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError([f"invalid YAML: {where}{getattr(e, 'problem', None) or e}"], str(p)) from None
     return parse(data, path=p.resolve())
+
+
+def config_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """`path`, else $VLLAMA_CONFIG, else configs/models.yaml."""
+    return Path(path or os.environ.get("VLLAMA_CONFIG") or DEFAULT_CONFIG)
+
+
+def load_settled(path: str | os.PathLike[str] | None = None, *, tries: int = 10, pause: float = 0.1) -> Config:
+    """`load` for a reload: the file is read again while it changes under the read.
+
+    A save that truncates and rewrites in place can be caught half-written; reading
+    until the file's size and mtime hold still across a read keeps a partial file
+    (a shorter model list is still valid YAML) from being applied. Empty is refused.
+    """
+    p = config_path(path)
+    for _ in range(tries - 1):
+        before = _stamp(p)
+        try:
+            config = load(p, allow_empty=False)
+        except ConfigError:
+            if _stamp(p) == before:
+                raise
+        else:
+            if _stamp(p) == before:
+                return config
+        time.sleep(pause)
+    return load(p, allow_empty=False)  # still changing: the watcher will call again
+
+
+def _stamp(p: Path) -> tuple[int, int, int] | None:
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns

@@ -351,8 +351,7 @@ def _train_tokenizer() -> Any:
     an encoding and decoding returns the original text; BPE training on a fixed
     text is deterministic, so the vocabulary is the same on every machine.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers import processors, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

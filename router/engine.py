@@ -73,4 +73,5 @@ def program(
         env=vllm_env(config, model, extra_env),
         stopwaitsecs=config.engine.stopwaitsecs,
         startretries=config.engine.startretries,
+        nice=config.engine.nice,
     )

@@ -25,11 +25,12 @@ operator sees "CPU mode: NVML Shared Library Not Found" instead of a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 GiB = 1 << 30
 
@@ -201,12 +202,10 @@ class NvmlInventory:
     def close(self) -> None:
         if not getattr(self, "_closed", True):
             self._closed = True
-            try:
+            with contextlib.suppress(Exception):  # shutting down a broken driver must not mask the real error
                 self.nvml.nvmlShutdown()
-            except Exception:  # noqa: BLE001 - shutting down a broken driver must not mask the real error
-                pass
 
-    def __enter__(self) -> NvmlInventory:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -46,9 +46,9 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, Self, cast
 from urllib.parse import urlsplit
 
 import filelock
@@ -172,8 +172,7 @@ def parse_ref(ref: str) -> tuple[str, str | None]:
         s = s.removeprefix(prefix)
     repo, at, revision = s.partition("@")
     revision_opt = revision if at else None
-    if repo.endswith(":latest"):
-        repo = repo[: -len(":latest")]
+    repo = repo.removesuffix(":latest")
     if ":" in repo:
         raise PullError(400, f"invalid model name {ref!r}: write a Hugging Face revision as REPO@REVISION, not with ':'")
     if not _REPO_RE.fullmatch(repo) or len(repo) > 96 or ".." in repo or "--" in repo:
@@ -466,7 +465,7 @@ def plan(repo: str, revision: str | None = None, gguf: str | None = None) -> Pul
                     blob_id = meta.etag
             cached, partial = _state_of(storage, commit, p, sha256 or blob_id)
             files.append(FileEntry(p, size, _digest_of(sha256, blob_id), sha256, blob_id, cached=cached, partial=partial))
-    except Exception as e:  # noqa: BLE001 - every failure becomes a PullError with a clear message
+    except Exception as e:
         raise _hub_error(e, repo, revision, env) from e
     p_ = PullPlan(repo, rev, commit, tuple(files), env.cache_dir, gguf)
     _check_space(p_)
@@ -602,7 +601,7 @@ class _FileBar:
     def update_transfer(self, n: float | None = 1) -> None:
         pass
 
-    def __enter__(self) -> _FileBar:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -770,7 +769,7 @@ def _write_manifest(p: PullPlan, complete: bool) -> None:
         "commit": p.commit,
         "gguf": p.gguf,
         "complete": complete,
-        "written_at": datetime.now(timezone.utc).isoformat(),
+        "written_at": datetime.now(UTC).isoformat(),
         "files": [{k: v for k, v in asdict(f).items() if k not in ("cached", "partial")} for f in p.files],
     }
     _write_atomic(_manifest_path(_storage(p.cache_dir, p.repo), p.commit), json.dumps(data, indent=1))
@@ -841,7 +840,7 @@ def _download(p: PullPlan, env: HubEnv, emitter: _Emitter, workers: int) -> Pull
         if todo:
             with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo))), thread_name_prefix="vllama-pull") as ex:
                 list(ex.map(run, todo))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise _hub_error(e, p.repo, p.revision, env) from e
     if errors:
         real = [e for e in errors if not isinstance(e, _Cancelled)]
@@ -976,7 +975,7 @@ def local_snapshot(source: str, revision: str | None = None) -> LocalModel | Non
             return None
         size, mtime, count = _dir_stats(d)
         complete = (d / "config.json").exists() or any(d.glob("*.gguf"))
-        return LocalModel(d.resolve(), size, datetime.fromtimestamp(mtime, timezone.utc), None, complete, count)
+        return LocalModel(d.resolve(), size, datetime.fromtimestamp(mtime, UTC), None, complete, count)
     try:
         repo, ref_rev = parse_ref(source)
     except PullError:
@@ -1025,7 +1024,7 @@ def local_snapshot(source: str, revision: str | None = None) -> LocalModel | Non
         mtime = (snap if snap.is_dir() else storage).stat().st_mtime
     gguf = (manifest or {}).get("gguf")
     return LocalModel(
-        snap, size, datetime.fromtimestamp(mtime, timezone.utc), commit, complete, count, snap / gguf if gguf else None
+        snap, size, datetime.fromtimestamp(mtime, UTC), commit, complete, count, snap / gguf if gguf else None
     )
 
 
@@ -1083,10 +1082,12 @@ def render_pull(repo: str, revision: str | None, gguf: str | None, console: Any)
     from rich.progress import (
         BarColumn,
         DownloadColumn,
-        Progress as RichProgress,
         TextColumn,
         TimeRemainingColumn,
         TransferSpeedColumn,
+    )
+    from rich.progress import (
+        Progress as RichProgress,
     )
 
     p = plan(repo, revision, gguf)

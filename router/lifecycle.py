@@ -18,7 +18,7 @@ import re
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -28,9 +28,8 @@ import httpx
 import msgspec
 
 from . import engine, gpu, hub, placement, supervisor
+from .config import Config, ConfigError, Model, is_local_source, load_settled, parse_duration
 from .gpu import HostMemory, Inventory
-from .config import Config, ConfigError, Model, is_local_source, parse_duration
-from .config import load as load_config
 from .supervisor import Supervisor
 from .upstream import Upstream
 
@@ -758,8 +757,7 @@ class Fleet:
                 if rt.always and rt.state == State.STOPPED and not rt.held:
                     await self.start_model(rt)  # on_demand → always
             for name in d["removed"]:
-                rt = self.runtimes.pop(name)
-                self._spawn(self._retire(rt, "removed from the registry"))
+                self._spawn(self._retire(self.runtimes.pop(name), "removed from the registry"))
             for name in d["added"]:
                 rt = self.runtimes[name] = self._runtime_for(new.lookup(name))  # type: ignore[arg-type]
                 if rt.always and not rt.remote:
@@ -776,7 +774,7 @@ class Fleet:
         """Re-read models.yaml; an invalid or unfitting file changes nothing and is reported."""
         path = self.config.path
         try:
-            new = await asyncio.to_thread(load_config, path)
+            new = await asyncio.to_thread(load_settled, path)
             d = await self.reload(new)
         except ConfigError as e:
             self.reload_error = "invalid registry: " + "; ".join(e.problems)
@@ -795,10 +793,21 @@ class Fleet:
         deadline = time.monotonic() + timeout
         while rt.inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
+        if rt.inflight:
+            log.warning("%s: %d requests still running after %gs (server.shutdown_grace); stopping anyway",
+                        rt.name, rt.inflight, timeout)
 
-    async def _retire(self, rt: Runtime, reason: str) -> None:
-        """Let `rt`'s requests finish (bounded by shutdown_grace), then stop it and drop its program."""
+    def _retire(self, rt: Runtime, reason: str) -> Coroutine[Any, Any, None]:
+        """Let `rt`'s requests finish (bounded by shutdown_grace), then stop it and drop its program.
+
+        `rt` joins `retiring` at once, not when the returned coroutine first runs: a
+        supervisord update applied in between (the reload's own) must still see its
+        program, or supervisord would stop it with its requests in flight.
+        """
         self.retiring.append(rt)
+        return self._drain_and_stop(rt, reason)
+
+    async def _drain_and_stop(self, rt: Runtime, reason: str) -> None:
         try:
             await self._drain(rt, self.config.server.shutdown_grace)
             await self.stop_model(rt, reason)

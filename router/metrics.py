@@ -54,7 +54,7 @@ _NOT_SERVING = {"stopped", "failed"}
 class _Series:
     """The labelled children of one (model, endpoint), resolved once."""
 
-    __slots__ = ("inflight", "latency", "model", "endpoint", "output", "prompt", "statuses", "ttft", "_requests")
+    __slots__ = ("_requests", "endpoint", "inflight", "latency", "model", "output", "prompt", "statuses", "ttft")
 
     def __init__(self, m: Metrics, model: str, endpoint: str) -> None:
         self.model = model
@@ -77,7 +77,7 @@ class _Series:
 class Tracker:
     """One request being counted: what `Metrics.started` returns."""
 
-    __slots__ = ("metrics", "series", "start", "ttft", "done")
+    __slots__ = ("done", "metrics", "series", "start", "ttft")
 
     def __init__(self, metrics: Metrics, series: _Series, start: float) -> None:
         self.metrics = metrics
@@ -259,7 +259,7 @@ def reexport(texts: Mapping[str, str | None]) -> str:
             continue
         try:
             parsed = list(text_string_to_metric_families(text))
-        except Exception:  # a garbled scrape must not break /metrics
+        except Exception:  # noqa: BLE001 - a garbled scrape must not break /metrics
             up[-1] = f'vllama_upstream_up{{model="{_esc(model)}"}} 0'
             continue
         for fam in parsed:

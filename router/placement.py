@@ -82,9 +82,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
+from . import modelinfo
 from .config import Model
 from .gpu import Gpu, HostMemory, Inventory
-from . import modelinfo
 
 GiB = 1 << 30
 
@@ -272,12 +272,12 @@ class Plan:
 # --- numbers as people read them --------------------------------------------------
 
 
-def gib(n: int | float, *, up: bool = False) -> str:
+def gib(n: float, *, up: bool = False) -> str:
     """Bytes as GiB with one decimal, no trailing ".0" (16 GiB, 19.2 GiB); `up` rounds up (for minimums)."""
     v = n / GiB
     v = math.ceil(v * 10 - 1e-6) / 10 if up else round(v, 1)
     s = f"{v:.1f}"
-    return s[:-2] if s.endswith(".0") else s
+    return s.removesuffix(".0")
 
 
 def _floor(x: float, places: int = 4) -> float:
@@ -822,7 +822,7 @@ def supports_kv_cache_memory_bytes(python: str | None = None) -> bool:
     if python is None or Path(python).resolve() == Path(sys.executable).resolve():
         spec = importlib.util.find_spec("vllm")
         if spec is not None and spec.submodule_search_locations:
-            root = list(spec.submodule_search_locations)[0]
+            root = next(iter(spec.submodule_search_locations))
     else:
         code = (
             "import importlib.util as u; s = u.find_spec('vllm'); "

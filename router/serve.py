@@ -55,7 +55,9 @@ async def watch_registry(fleet: Fleet) -> None:
     def ours(_: object, changed: str) -> bool:
         return Path(changed).resolve() == path
 
-    async for _ in awatch(path.parent, debounce=500, recursive=False, watch_filter=ours):
+    # step: a save must be quiet for 200 ms before it is read, so one written in several
+    # pieces (or truncated, then written) is read once, whole; load_settled checks again.
+    async for _ in awatch(path.parent, debounce=500, step=200, recursive=False, watch_filter=ours):
         log.info("%s changed; reloading", path)
         await fleet.reload_file()
 
@@ -125,16 +127,20 @@ async def run(config: Config, opts: Options) -> int:
         log.info("stopping models and supervisord")
         if watcher is not None:
             watcher.cancel()
-        await fleet.close()
-        if opts.attach:
-            await sup.stop_all()
-        else:
-            await sup.shutdown()
-            # If supervisord died first, its vLLMs live on: never leave them holding memory.
-            leftovers = supervisor.kill_stale(paths.root)
-            if leftovers:
-                log.warning("stopped %d leftover processes: %s", len(leftovers), leftovers)
-        await upstream.aclose()
+        try:
+            await fleet.close()
+            if opts.attach:
+                await sup.stop_all()
+            else:
+                await sup.shutdown()
+        finally:
+            if not opts.attach:
+                # If supervisord died first (or could not be told), its vLLMs live on:
+                # never leave them holding memory.
+                leftovers = supervisor.kill_stale(paths.root)
+                if leftovers:
+                    log.warning("stopped %d leftover processes: %s", len(leftovers), leftovers)
+            await upstream.aclose()
     return 0
 
 

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import http.client
+import logging
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +33,8 @@ from typing import Any
 
 import psutil
 from supervisor.xmlrpc import SupervisorTransport
+
+log = logging.getLogger("vllama.supervisor")
 
 # supervisord process states (supervisor.states.ProcessStates).
 STOPPED, STARTING, RUNNING, BACKOFF, STOPPING, EXITED, FATAL, UNKNOWN = 0, 10, 20, 30, 40, 100, 200, 1000
@@ -127,6 +132,14 @@ class Program:
     stopwaitsecs: int = 20
     startretries: int = 3
     autostart: bool = False
+    nice: int = 0
+    """Run under nice(1) at this value: supervisord has no option for it."""
+
+    @property
+    def command(self) -> tuple[str, ...]:
+        if not self.nice:
+            return self.argv
+        return (shutil.which("nice") or "nice", "-n", str(self.nice), *self.argv)
 
     def render(self, paths: Paths) -> str:
         """The ``[program:x]`` section. Stable for equal inputs, so reloads see no change."""
@@ -134,7 +147,7 @@ class Program:
         env = {**self.env, STATE_ENV: str(paths.root)}
         lines = [
             f"[program:{self.name}]",
-            "command=" + " ".join(quote_arg(a) for a in self.argv),
+            "command=" + " ".join(quote_arg(a) for a in self.command),
             f"environment={quote_env(dict(sorted(env.items())))}",
             f"directory={paths.root}",
             f"autostart={'true' if self.autostart else 'false'}",
@@ -200,14 +213,20 @@ def write_programs(paths: Paths, programs: Sequence[Program]) -> None:
 # --- the supervisord process and its RPC -----------------------------------------
 
 
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:  # not glibc Linux: supervisord then outlives a SIGKILLed vllama (kill_stale cleans up)
+    _LIBC = None
+_PR_SET_PDEATHSIG = 1
+
+
 def _die_with_parent() -> None:
-    """In the child: get SIGTERM if vllama dies, even by SIGKILL (Linux only)."""
-    os.setsid()
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+    """In the child, between fork and exec: get SIGTERM if vllama dies, even by SIGKILL.
+
+    One syscall through a libc loaded beforehand: a forked child of a threaded process
+    must not take locks (loading a library would).
+    """
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)  # type: ignore[union-attr]
 
 
 class Supervisor:
@@ -221,6 +240,7 @@ class Supervisor:
         self.paths = paths
         self.process = process
         self._lock = asyncio.Lock()
+        self._apply_lock = asyncio.Lock()
         self._proxy = self._make_proxy()
 
     def _make_proxy(self) -> Any:
@@ -231,14 +251,19 @@ class Supervisor:
 
     @classmethod
     def spawn(cls, paths: Paths, *, timeout: float = 20.0) -> Supervisor:
-        """Start supervisord as our child in its own session, and wait for its socket."""
+        """Start supervisord as our child in its own process group, and wait for its socket."""
         paths.create()
         paths.conf.write_text(render_main_conf(paths))
         cmd = [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(paths.conf)]
-        log = open(paths.logs / "supervisord.out", "ab")
         env = {**os.environ, STATE_ENV: str(paths.root)}
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
-        log.close()
+        # A process group of its own keeps a terminal's Ctrl-C for vllama alone (which then
+        # stops supervisord in order). The same session, though: Linux's autogroup scheduler
+        # shares the CPU fairly between sessions, so vLLM in a session of its own would
+        # compete with the router as an equal whatever its nice value (engine.nice).
+        with open(paths.logs / "supervisord.out", "ab") as log:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                    process_group=0,
+                                    preexec_fn=_die_with_parent if _LIBC else None)  # noqa: PLW1509 - one syscall
         sup = cls(paths, proc)
         deadline = time.monotonic() + timeout
         while True:
@@ -281,14 +306,25 @@ class Supervisor:
             fn = getattr(fn, part)
         try:
             return fn(*args)
-        except (OSError, xmlrpc.client.ProtocolError):
+        except (OSError, xmlrpc.client.ProtocolError, http.client.HTTPException):
             # A broken connection poisons the transport: use a fresh one next time.
             self._proxy = self._make_proxy()
             raise
 
     async def call(self, method: str, *args: Any) -> Any:
+        """One XML-RPC call at a time over the one connection.
+
+        A cancelled caller (a background task stopped at shutdown) cannot stop the thread
+        its call runs on; the lock is held until that thread is done with the connection,
+        or the next call (shutdown's own) would write into a half-finished request.
+        """
         async with self._lock:
-            return await asyncio.to_thread(self._call_sync, method, *args)
+            call = asyncio.ensure_future(asyncio.to_thread(self._call_sync, method, *args))
+            try:
+                return await asyncio.shield(call)
+            except asyncio.CancelledError:
+                await asyncio.wait([call])
+                raise
 
     async def processes(self) -> dict[str, dict[str, Any]]:
         """name → supervisord's process info (state, pid, start, exitstatus, spawnerr…)."""
@@ -300,19 +336,22 @@ class Supervisor:
 
         Returns (added, changed, removed). Changed and removed groups are stopped
         first; nothing is started here (models start in order, see lifecycle).
+        One apply runs at a time: two interleaved would both see a group as removed
+        and the second would fail removing it.
         """
-        write_programs(self.paths, programs)
-        [[added, changed, removed]] = await self.call("supervisor.reloadConfig")
-        for name in removed:
-            await self._stop_quietly(name)
-            await self.call("supervisor.removeProcessGroup", name)
-        for name in changed:
-            await self._stop_quietly(name)
-            await self.call("supervisor.removeProcessGroup", name)
-            await self.call("supervisor.addProcessGroup", name)
-        for name in added:
-            await self.call("supervisor.addProcessGroup", name)
-        return added, changed, removed
+        async with self._apply_lock:
+            write_programs(self.paths, programs)
+            [[added, changed, removed]] = await self.call("supervisor.reloadConfig")
+            for name in removed:
+                await self._stop_quietly(name)
+                await self.call("supervisor.removeProcessGroup", name)
+            for name in changed:
+                await self._stop_quietly(name)
+                await self.call("supervisor.removeProcessGroup", name)
+                await self.call("supervisor.addProcessGroup", name)
+            for name in added:
+                await self.call("supervisor.addProcessGroup", name)
+            return added, changed, removed
 
     async def start(self, name: str) -> None:
         try:
@@ -332,10 +371,12 @@ class Supervisor:
                 raise
 
     async def stop_all(self) -> None:
+        """Stop every program; a supervisord that cannot be reached is not an error here
+        (the caller then stops what is left by its environment, see `kill_stale`)."""
         try:
             await self.call("supervisor.stopAllProcesses", True)
-        except (OSError, xmlrpc.client.Fault):
-            pass
+        except (OSError, xmlrpc.client.Error, http.client.HTTPException) as e:
+            log.warning("could not stop the programs through supervisord: %s", e)
 
     async def shutdown(self, timeout: float = 60.0) -> None:
         """Stop every program (group-wide, SIGKILL after stopwaitsecs), then supervisord."""
@@ -344,7 +385,7 @@ class Supervisor:
             return
         try:
             await self.call("supervisor.shutdown")
-        except (OSError, xmlrpc.client.Fault, xmlrpc.client.ProtocolError):
+        except (OSError, xmlrpc.client.Error, http.client.HTTPException):
             pass
         try:
             await asyncio.to_thread(self.process.wait, timeout)

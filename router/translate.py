@@ -549,13 +549,15 @@ class Timing:
         up = self.upstream or self.start
         first = self.first_token or now
         last = self.last_token or now
+        # Tokens that arrive in one read share a timestamp; clients divide counts by these
+        # durations (tokens/s), so a duration with tokens behind it is never 0.
         return {
-            "total_duration": now - self.start,
+            "total_duration": max(1, now - self.start),
             "load_duration": up - self.start,
             "prompt_eval_count": prompt_tokens,
-            "prompt_eval_duration": max(0, first - up),
+            "prompt_eval_duration": max(1 if prompt_tokens else 0, first - up),
             "eval_count": output_tokens,
-            "eval_duration": max(0, last - first),
+            "eval_duration": max(1 if output_tokens else 0, last - first),
         }
 
 

@@ -25,7 +25,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import uvicorn
 
@@ -143,7 +143,7 @@ class FakeVLLM:
         if self._thread is not None:
             self._thread.join(10)
 
-    def __enter__(self) -> FakeVLLM:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -35,8 +35,8 @@ class ServedRouter(RouterThread):
         from router.app import create_app
         from router.catalog import Catalog
         from router.config import parse
-        from router.limits import guarded_http
         from router.lifecycle import Fleet
+        from router.limits import guarded_http
         from router.service import OllamaService
         from router.upstream import Upstream
 

@@ -75,6 +75,14 @@ def test_semantic_checks() -> None:
     assert "models[2].env: 'BAD-NAME' is not a valid environment variable name" in found
 
 
+@pytest.mark.parametrize("nice", [-5, 20])
+def test_engine_nice_is_a_priority_below_the_routers(nice: int) -> None:
+    # Negative values would need privileges, and would put vLLM above the router.
+    assert problems({"engine": {"nice": nice}, "models": []}) == [
+        f"engine.nice: must be 0 (same priority as the router) to 19, got {nice}"]
+    assert parse({"engine": {"nice": 0}}).engine.nice == 0
+
+
 def test_top_level_must_be_a_mapping_and_models_a_list() -> None:
     assert problems([1, 2]) == ["file: expected a mapping at the top level, got [1,2]"]
     assert problems({"models": {"a": 1}}) == ['models: expected a list, got {"a":1}']
@@ -130,3 +138,30 @@ def test_name_normalisation() -> None:
 def test_shipped_configs_validate(path: str) -> None:
     cfg = config.load(REPO / path)
     assert cfg.models
+
+
+def test_a_reload_refuses_an_empty_file_but_not_an_empty_list(tmp_path: Path) -> None:
+    p = tmp_path / "models.yaml"
+    p.write_text("")
+    assert config.load(p).models == []  # at startup: nothing to serve yet
+    with pytest.raises(ConfigError, match="empty"):
+        config.load_settled(p)  # on a reload: a save caught half-way, not "stop everything"
+    p.write_text("models: []\n")
+    assert config.load_settled(p).models == []
+
+
+def test_a_reload_reads_again_a_file_that_changes_under_the_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = tmp_path / "models.yaml"
+    whole = "models:\n  - {name: a, source: org/a}\n  - {name: b, source: org/b}\n"
+    p.write_text(whole.split("  - {name: b")[0])  # the save so far: valid YAML, one model short
+    real_load, reads = config.load, []
+
+    def load_while_saving(path: Path, **kw: object) -> config.Config:
+        c = real_load(path, **kw)  # type: ignore[arg-type]
+        reads.append(len(c.models))
+        if len(reads) == 1:
+            p.write_text(whole)  # the rest of the save lands during the first read
+        return c
+    monkeypatch.setattr(config, "load", load_while_saving)
+    assert [m.name for m in config.load_settled(p, pause=0).models] == ["a:latest", "b:latest"]
+    assert reads == [1, 2]

@@ -13,8 +13,8 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from router import devtools  # noqa: E402
-from router.devtools import write_tiny_model  # noqa: E402
+from router import devtools
+from router.devtools import write_tiny_model
 
 FILES = (
     "config.json",

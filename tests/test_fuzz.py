@@ -20,18 +20,20 @@ rfc3339 stamps are valid RFC 3339 and exact.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
+import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis.errors import Unsatisfiable
 from hypothesis import strategies as st
+from hypothesis.errors import Unsatisfiable
 
 from router import translate, wire
 from router.config import parse_duration
@@ -45,9 +47,9 @@ except ImportError:
     from served import ServedRouter
 
 schemathesis = pytest.importorskip("schemathesis")
-from schemathesis.generation import GenerationMode  # noqa: E402
-from schemathesis.checks import not_a_server_error  # noqa: E402
-from schemathesis.specs.openapi.checks import (  # noqa: E402
+from schemathesis.checks import not_a_server_error
+from schemathesis.generation import GenerationMode
+from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     response_headers_conformance,
     response_schema_conformance,
@@ -95,7 +97,7 @@ def _document() -> dict[str, Any]:
     from router.upstream import Upstream
 
     config = parse({})
-    upstream = Upstream(pools=1) if "pools" in Upstream.__init__.__code__.co_varnames else Upstream()
+    upstream = Upstream()
     fleet = Fleet(config, None, upstream)
     app = create_app(OllamaService(fleet, upstream), Catalog(config),
                      extra_routes=[admin_router(fleet), *library_routes(fleet)])
@@ -112,7 +114,7 @@ def _steered(doc: dict[str, Any]) -> dict[str, Any]:
             for key in ("model", "name"):
                 if key in props:
                     props[key] = dict(names)
-    for path, item in doc["paths"].items():
+    for item in doc["paths"].values():
         for op in item.values():
             if not isinstance(op, dict):
                 continue
@@ -244,7 +246,7 @@ def test_options_raise_only_translation_errors(options: dict[str, Any], target: 
     msgspec.json.encode(out)  # what goes to vLLM is plain JSON: no inf/nan, no giant ints
     for key, value in out.items():
         if isinstance(value, float):
-            assert value == value and abs(value) != float("inf"), (key, value)
+            assert math.isfinite(value), (key, value)
         if isinstance(value, int):
             assert -(2**63) <= value < 2**63, (key, value)
     if "max_tokens" in out:
@@ -304,32 +306,34 @@ def _convert(data: dict[str, Any], cls: type) -> Any:
         return None  # a body the HTTP layer refuses with a 400 before translation
 
 
+def _translated(data: dict[str, Any], cls: type, make: Callable[[Any], translate.UpstreamCall]) -> translate.UpstreamCall | None:
+    """Translate `data` as a request of `cls`; None where it is refused (400 before, or
+    TranslationError). What it sends vLLM must be plain JSON."""
+    req = _convert(data, cls)
+    if req is None:
+        return None
+    try:
+        call = make(req)
+    except TranslationError:
+        return None
+    msgspec.json.encode(call.body)
+    return call
+
+
 @FAST
 @given(data=chat_requests, target=targets)
 def test_chat_translation_raises_only_translation_errors(data: dict[str, Any], target: Target) -> None:
-    req = _convert(data, wire.ChatRequest)
-    if req is None:
-        return
-    try:
-        call = translate.chat_request(req, target)
-    except TranslationError:
-        return
-    msgspec.json.encode(call.body)
-    assert call.path == "/v1/chat/completions" and call.body["model"] == "m"
+    call = _translated(data, wire.ChatRequest, lambda req: translate.chat_request(req, target))
+    if call is not None:
+        assert call.path == "/v1/chat/completions" and call.body["model"] == "m"
 
 
 @FAST
 @given(data=generate_requests, target=targets)
 def test_generate_translation_raises_only_translation_errors(data: dict[str, Any], target: Target) -> None:
-    req = _convert(data, wire.GenerateRequest)
-    if req is None:
-        return
-    try:
-        call = translate.generate_request(req, target, None)
-    except TranslationError:
-        return
-    msgspec.json.encode(call.body)
-    assert call.path in ("/v1/chat/completions", "/v1/completions")
+    call = _translated(data, wire.GenerateRequest, lambda req: translate.generate_request(req, target, None))
+    if call is not None:
+        assert call.path in ("/v1/chat/completions", "/v1/completions")
 
 
 @FAST
@@ -340,7 +344,7 @@ def test_tool_call_arguments_survive_any_fragmentation(args: dict[str, Any], cut
     """vLLM streams a call's arguments as string fragments cut anywhere; Ollama's client gets the object."""
     text = json.dumps(args)
     points = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
-    pieces = [text[a:b] for a, b in zip(points, points[1:]) if b > a]
+    pieces = [text[a:b] for a, b in itertools.pairwise(points) if b > a]
     stream = translate.ChatStream("m", translate.Timing(start=0))
     head = {"index": 0, "id": "call_1", "type": "function", "function": {"name": name}}
     out = []

@@ -11,8 +11,8 @@ import pynvml
 import pytest
 
 from router.gpu import (
-    GiB,
     FakeInventory,
+    GiB,
     GpuUnavailable,
     HostMemory,
     Inventory,

@@ -18,7 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from load_tests import harness, soak  # noqa: E402
+from load_tests import harness, soak
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from router.metrics import CONTENT_TYPE_LATEST, Metrics, metrics_route, reexport, render
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from load_tests.fake_upstream import FakeVLLM, Settings  # noqa: E402
+from load_tests.fake_upstream import FakeVLLM, Settings
 
 # Trimmed from a real vLLM 0.32 (CPU) /metrics: counters with _created families,
 # a histogram, an info-style gauge, process_* and python_* collectors.

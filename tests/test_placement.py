@@ -261,11 +261,11 @@ def test_tp_group_on_gpus_with_enough_free_each() -> None:
 def test_tp_group_that_cannot_be_formed() -> None:
     inv = FakeInventory([24, 48, 48, 80], processes=[(999, 1, 40.0), (998, 2, 40.0)])
     p = plan(models({"name": "tp", "vram_gb": 30, "tensor_parallel": 2}), inv)
-    assert p.refused["tp:latest"] == [
+    assert p.refused["tp:latest"] == [(
         "tp:latest: no room: no 2 GPUs have 30 GiB free each for TP=2 (GPU 0: 24 GiB left = 24 total; "
         "GPU 1: 8 GiB left = 48 total − 40 used by other processes; "
         "GPU 2: 8 GiB left = 48 total − 40 used by other processes; GPU 3: 80 GiB left = 80 total)"
-    ]
+    )]
 
 
 def test_pinned_tp_group_with_fraction_on_mixed_gpus() -> None:

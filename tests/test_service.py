@@ -350,9 +350,7 @@ def test_client_disconnect_mid_stream_cancels_the_upstream_request(router: Route
     fake.reset()
     fake.push(slow(500, 0.02))
     with httpx.stream("POST", router.url + "/api/generate", json={"model": "smart", "prompt": "x"}) as r:
-        got = 0
-        for _ in r.iter_lines():
-            got += 1
+        for got, _ in enumerate(r.iter_lines(), 1):
             if got == 3:
                 break
     assert _wait(lambda: fake.disconnects == 1 and fake.running == 0), (fake.disconnects, fake.running)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
+import psutil
 import pytest
 from supervisor.options import ServerOptions
 
-from router import config, engine
+from router import config, engine, supervisor
 from router.supervisor import Paths, Program, quote_env, render_main_conf, write_programs
 
 HOSTILE = [
@@ -74,6 +78,16 @@ def test_program_options_for_vllm(paths: Paths) -> None:
     assert proc.stdout_logfile == str(paths.log("vllm-x"))
 
 
+def test_nice_runs_the_program_under_nice_with_its_argv_intact(paths: Paths) -> None:
+    argv = ("/usr/bin/python3", "-m", "vllm.entrypoints.openai.api_server", *HOSTILE)
+    write_programs(paths, [Program(name="vllm-n", argv=argv, env={}, nice=10),
+                           Program(name="vllm-0", argv=argv, env={}, nice=0)])
+    progs = parsed_programs(paths)
+    niced = shlex.split(progs["vllm-n"].command)
+    assert Path(niced[0]).name == "nice" and niced[1:3] == ["-n", "10"] and tuple(niced[3:]) == argv
+    assert tuple(shlex.split(progs["vllm-0"].command)) == argv
+
+
 def test_rewriting_the_same_programs_leaves_files_untouched(paths: Paths) -> None:
     progs = [Program(name="vllm-a", argv=("a",), env={}), Program(name="vllm-b", argv=("b",), env={})]
     write_programs(paths, progs)
@@ -113,3 +127,54 @@ def test_vllm_program_from_the_registry(paths: Paths, tmp_path: Path) -> None:
     assert prog.env["A"] == "engine" and prog.env["B"] == "model"
     assert prog.env["CUDA_VISIBLE_DEVICES"] == "1" and prog.env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     assert prog.name == "vllm-m_latest-8123"
+    assert prog.nice == 10  # below the router by default (engine.nice)
+
+
+async def test_a_cancelled_call_keeps_the_connection_until_its_thread_is_done(paths: Paths) -> None:
+    """Shutdown cancels background tasks mid-call; the XML-RPC thread cannot be stopped, and a
+    second call on the same connection meanwhile failed (http.client.CannotSendRequest), which
+    once left the vLLMs running after vllama exited."""
+    import asyncio
+    import threading
+    import time
+
+    from router.supervisor import Supervisor
+
+    sup = Supervisor(paths)
+    busy = threading.Lock()
+    overlaps: list[str] = []
+
+    def call_sync(method: str, *args: object) -> str:
+        if not busy.acquire(blocking=False):
+            overlaps.append(method)  # two threads on one connection
+            return method
+        try:
+            time.sleep(0.3)
+            return method
+        finally:
+            busy.release()
+    sup._call_sync = call_sync  # type: ignore[method-assign]
+
+    first = asyncio.create_task(sup.call("supervisor.stopProcess", "a"))
+    await asyncio.sleep(0.1)
+    first.cancel()
+    assert await sup.call("supervisor.stopAllProcesses") == "supervisor.stopAllProcesses"
+    assert first.cancelled() and overlaps == []
+
+
+def test_supervisord_runs_in_its_own_group_of_our_session_and_dies_with_vllama(tmp_path: Path) -> None:
+    """Its own group (a terminal's Ctrl-C reaches vllama alone), our session (vLLM's nice
+    counts against the router: one autogroup), and SIGTERM when vllama dies, even by SIGKILL."""
+    code = ("import sys, time; from pathlib import Path; from router.supervisor import Paths, Supervisor; "
+            "s = Supervisor.spawn(Paths(Path(sys.argv[1]))); print(s.process.pid, flush=True); time.sleep(600)")
+    vllama = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(vllama.stdout.readline())  # type: ignore[union-attr]
+        assert os.getpgid(pid) == pid != os.getpgid(vllama.pid)
+        assert os.getsid(pid) == os.getsid(vllama.pid)
+        vllama.kill()
+        vllama.wait()
+        psutil.Process(pid).wait(30)  # gone: PDEATHSIG told it to stop
+    finally:
+        vllama.kill()
+        supervisor.kill_stale(tmp_path / "run")

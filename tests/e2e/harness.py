@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,46 @@ from typing import Any
 import httpx
 import psutil
 import yaml
+
+
+class BackgroundStream(threading.Thread):
+    """A streamed request read on a thread: its JSON lines (Ollama's NDJSON or OpenAI's SSE
+    events), and `started` once the first has come, so a test can act (reload, SIGTERM)
+    while a generation is in flight.
+
+    `paused=True` reads the first line, then nothing until `resume` is set, on a socket with a
+    small receive buffer: a stream larger than the few hundred KB the sockets and the router
+    buffer cannot finish, so the request stays in flight for as long as the test needs,
+    however fast the model generates.
+    """
+
+    def __init__(self, url: str, body: dict[str, Any], *, paused: bool = False) -> None:
+        super().__init__(daemon=True)
+        self.url, self.body = url, body
+        self.lines: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
+        """What ended the read, if not the end of the stream (shown by failing tests)."""
+        self.started = threading.Event()
+        self.resume = threading.Event()
+        if not paused:
+            self.resume.set()
+        options = [] if not paused else [(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)]
+        self.client = httpx.Client(transport=httpx.HTTPTransport(socket_options=options), timeout=120)
+        self.start()
+
+    def run(self) -> None:
+        try:
+            with self.client, self.client.stream("POST", self.url, json=self.body) as r:
+                for line in r.iter_lines():
+                    if line and line != "data: [DONE]":
+                        self.lines.append(json.loads(line.removeprefix("data: ")))
+                        self.started.set()
+                        self.resume.wait()
+        except BaseException as e:  # noqa: BLE001 - kept for the test's assertion message
+            self.error = e
+
+    def __repr__(self) -> str:
+        return f"<stream: {len(self.lines)} lines, last {self.lines[-1:]}, error {self.error!r}>"
 
 
 def free_port() -> int:
@@ -41,13 +83,13 @@ class Server:
 
     def start(self) -> None:
         self.log_path = self.state_dir.parent / f"vllama-{self.port}.log"
-        log = open(self.log_path, "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "router.cli", "serve", "--config", str(self.config_path),
-             "--state-dir", str(self.state_dir), "--port", str(self.port)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "router.cli", "serve", "--config", str(self.config_path),
+                 "--state-dir", str(self.state_dir), "--port", str(self.port)],
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            )
         log.close()
 
     def wait_listening(self, timeout: float = 60) -> None:

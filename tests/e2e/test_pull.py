@@ -11,7 +11,6 @@ from pathlib import Path
 import httpx
 import ollama
 import pytest
-
 from fakehub import FakeHub
 
 from .harness import Server, free_port, state_processes, write_config
@@ -46,7 +45,7 @@ def hub_server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path,
 
 
 def test_auto_pull_then_serve_from_the_cache(hub_server: tuple[Server, FakeHub, dict[str, str]]) -> None:
-    srv, hub, env = hub_server
+    srv, _, env = hub_server
     snapshots = list(Path(env["HF_HUB_CACHE"]).glob("models--vllama-test--tiny/snapshots/*/model.safetensors"))
     assert len(snapshots) == 1
     r = ollama.Client(host=srv.url).generate(model="pulled", prompt="hi", options={"num_predict": 4})
@@ -59,7 +58,7 @@ def test_auto_pull_then_serve_from_the_cache(hub_server: tuple[Server, FakeHub, 
 
 def test_missing_model_then_pull_with_ollama_progress_then_serve(
         hub_server: tuple[Server, FakeHub, dict[str, str]]) -> None:
-    srv, hub, env = hub_server
+    srv, hub, _ = hub_server
     client = ollama.Client(host=srv.url)
     with pytest.raises(ollama.ResponseError) as e:
         client.generate(model="manual", prompt="hi")
@@ -85,7 +84,7 @@ def test_missing_model_then_pull_with_ollama_progress_then_serve(
 
 def test_delete_is_refused_while_running_then_frees_the_cache(
         hub_server: tuple[Server, FakeHub, dict[str, str]]) -> None:
-    srv, hub, env = hub_server
+    srv, _, env = hub_server
     r = httpx.request("DELETE", srv.url + "/api/delete", json={"model": "pulled"})
     assert r.status_code == 409 and "stop it first" in r.json()["error"]
     assert httpx.post(srv.url + "/vllama/models/pulled/stop", timeout=60).json()["state"] == "stopped"
@@ -97,15 +96,15 @@ def test_delete_is_refused_while_running_then_frees_the_cache(
 
 
 def test_cli_pull_of_a_bare_repo_id(hub_server: tuple[Server, FakeHub, dict[str, str]], tmp_path: Path) -> None:
-    srv, hub, env = hub_server
+    _, _, env = hub_server
     cache = tmp_path / "cli-cache"
     res = subprocess.run([sys.executable, "-m", "router.cli", "pull", "vllama-test/tiny-b"],
-                         env={**os.environ, **env, "HF_HUB_CACHE": str(cache)}, capture_output=True, text=True,
+                         env={**os.environ, **env, "HF_HUB_CACHE": str(cache)}, capture_output=True, text=True, check=False,
                          timeout=120)
     assert res.returncode == 0, res.stderr
     assert "success" in res.stdout
     assert list(cache.glob("models--vllama-test--tiny-b/snapshots/*/model.safetensors"))
     bad = subprocess.run([sys.executable, "-m", "router.cli", "pull", "vllama-test/nope"],
-                         env={**os.environ, **env, "HF_HUB_CACHE": str(cache)}, capture_output=True, text=True,
+                         env={**os.environ, **env, "HF_HUB_CACHE": str(cache)}, capture_output=True, text=True, check=False,
                          timeout=120)
     assert bad.returncode == 1 and "not found" in bad.stderr.lower()

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -12,14 +10,14 @@ import httpx
 import psutil
 import pytest
 
-from .harness import Server, free_port, state_processes, write_config
+from .harness import BackgroundStream, Server, free_port, state_processes, write_config
 
 pytestmark = pytest.mark.e2e
 
 
 def one_model_server(root: Path, tiny_model: Path, state_dir: Path | None = None) -> Server:
     cfg = write_config(root / f"models-{time.monotonic_ns()}.yaml",
-                       [{"name": "solo", "source": str(tiny_model), "max_model_len": 1024}],
+                       [{"name": "solo", "source": str(tiny_model), "max_model_len": 4096}],
                        server={"shutdown_grace": 60})
     srv = Server(config_path=cfg, state_dir=state_dir or root / "run", port=free_port())
     srv.start()
@@ -47,23 +45,23 @@ def test_sigterm_lets_in_flight_requests_finish_then_leaves_nothing(tmp_path: Pa
 def _sigterm_with_a_request_in_flight(srv: Server) -> None:
     tree = {p.pid for p in srv.tree()}
     assert len(tree) >= 4  # vllama, supervisord, vLLM API server, EngineCore (+ worker)
-    lines: list[dict] = []
-    started = threading.Event()
-
-    def stream() -> None:
-        with httpx.stream("POST", srv.url + "/api/chat", timeout=120, json={
-                "model": "solo", "messages": [{"role": "user", "content": "go"}],
-                "options": {"num_predict": 900, "temperature": 0}}) as r:
-            for line in r.iter_lines():
-                lines.append(json.loads(line))
-                started.set()
-
-    t = threading.Thread(target=stream)
-    t.start()
-    assert started.wait(60)
+    # The client reads one line, then pauses: ~300 KB of lines cannot all fit in the socket
+    # buffers, so the request is still in flight when the SIGTERM comes, however fast the model.
+    t = BackgroundStream(srv.url + "/api/chat", {
+        "model": "solo", "messages": [{"role": "user", "content": "go"}],
+        "options": {"num_predict": 3000, "temperature": 0}}, paused=True)
+    assert t.started.wait(60)
     srv.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while "Shutting down" not in srv.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)  # time enough to stop the model, were it not waiting for the request
+    assert srv.proc.poll() is None and t.is_alive() and len(tree & {p.pid for p in srv.tree()}) >= 4, t
+    t.resume.set()
     t.join(120)
+    lines = t.lines
     assert lines[-1]["done"] is True, lines[-1]  # finished normally, not cut
+    assert lines[-1]["eval_count"] == 3000, t  # (temperature 0: this model never says EOS here)
     assert srv.proc.wait(120) == 0
     time.sleep(1)
     assert [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE] == []

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import httpx
 import ollama
+import psutil
 import pytest
 
 from .harness import Server, vllm_port
@@ -103,14 +105,28 @@ def test_process_tree_is_supervisord_with_one_vllm_per_model(server: Server) -> 
     assert any("--served-model-name tiny-b:latest" in c for c in vllms)
 
 
+def test_vllm_runs_below_the_routers_cpu_priority_in_its_session(server: Server) -> None:
+    """vLLM busy-polls while it generates; the router must win the CPU (engine.nice, default 10).
+    Same session as the router: Linux's autogroup would otherwise share the CPU between the
+    two sessions as equals whatever the nice values."""
+    assert server.proc is not None
+    router = psutil.Process(server.proc.pid)
+    engines = [p for p in server.tree() if p.name().startswith("VLLM::")
+               or "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline())]
+    assert len(engines) >= 4  # two API servers, each with its EngineCore (and worker)
+    assert router.nice() == 0
+    assert {p.nice() for p in engines} == {10}
+    assert {os.getsid(p.pid) for p in engines} == {os.getsid(router.pid)}
+
+
 def test_metrics_scrape_shows_the_router_and_every_vllm(server: Server, client: ollama.Client) -> None:
     client.generate(model="tiny-a", prompt="count me", options={"num_predict": 3})
     text = httpx.get(server.url + "/metrics").text
     ok = re.search(r'^vllama_requests_total\{endpoint="generate",model="tiny-a:latest",status="200"\} (\S+)$',
-                   text, re.M)
+                   text, re.MULTILINE)
     assert ok and float(ok.group(1)) >= 1
-    assert re.search(r'^vllama_output_tokens_total\{endpoint="generate",model="tiny-a:latest"\} (\S+)$', text, re.M)
+    assert re.search(r'^vllama_output_tokens_total\{endpoint="generate",model="tiny-a:latest"\} (\S+)$', text, re.MULTILINE)
     assert 'vllama_model_state{model="tiny-b:latest",state="ready"} 1.0' in text
     # vLLM's own metrics, one scrape for the whole box, labelled by model
     for model in ("tiny-a:latest", "tiny-b:latest"):
-        assert re.search(rf'^vllm:num_requests_running\{{[^}}]*model="{model}"', text, re.M), model
+        assert re.search(rf'^vllm:num_requests_running\{{[^}}]*model="{model}"', text, re.MULTILINE), model

@@ -37,9 +37,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from router.config import parse  # noqa: E402
-from router.gpu import GiB, HostMemory, NvmlInventory, detect, process_tree_vram, process_tree_vram_by_gpu  # noqa: E402
-from router.placement import format_plan, plan, supports_kv_cache_memory_bytes  # noqa: E402
+from router.config import parse
+from router.gpu import GiB, HostMemory, NvmlInventory, detect, process_tree_vram, process_tree_vram_by_gpu
+from router.placement import format_plan, plan, supports_kv_cache_memory_bytes
 
 # The child: allocate and touch N GiB on cuda:0 of what it can see, say so, hold it until stdin closes.
 HOLDER = r"""
