@@ -124,13 +124,19 @@ def _on_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Respo
     return _error(400, detail)
 
 
+#: What msgspec 0.23 says of a body that is not UTF-8 (older releases raised UnicodeDecodeError).
+_NOT_UTF8 = "Invalid UTF-8 encoded string"
+
+
 def _on_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     if isinstance(exc, NotFoundException):
         return _error(404, "404 page not found")
     if isinstance(exc, MethodNotAllowedException):
         return _error(405, "405 method not allowed")
     detail = str(exc.detail)
-    if exc.status_code == 400 and (detail.startswith("JSON is malformed") or detail == "Input data was truncated"):
+    if exc.status_code == 400 and detail == _NOT_UTF8:
+        detail = "invalid JSON: not valid UTF-8"
+    elif exc.status_code == 400 and (detail.startswith("JSON is malformed") or detail == "Input data was truncated"):
         detail = f"invalid JSON: {detail if detail.startswith('JSON') else detail[0].lower() + detail[1:]}"
     if exc.status_code == 413:  # in the shape of the route's API (the pass-through's too)
         return Response(error_body(request.url.path, 413, too_large_message(request.app.request_max_body_size or 0)),
