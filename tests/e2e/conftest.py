@@ -1,4 +1,11 @@
-"""One real two-model server for the whole e2e session (vLLM takes ~30 s to start)."""
+"""The e2e session's shared servers: each starts once, for every module that uses it.
+
+A vLLM takes 30-60 s to start on 2 cores, so the modules that need the two-model
+`server` (or `embed_server`) share one. Their tests run first, one after another, and
+each shared server stops after the last test that uses it: one left running would hold
+gigabytes of RAM while other modules start servers of their own, and the memory planner
+would (rightly) refuse their models.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,37 @@ import pytest
 from .harness import Server, free_port, state_processes, write_config
 
 MODELS = ["tiny-a", "tiny-b"]
+SHARED = ("embed_server", "server")
+"""Session fixtures stopped after their last user (see `pytest_runtest_teardown`)."""
+
+_live: dict[str, Server] = {}
+_last_user: dict[str, str] = {}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Users of the shared servers first, `embed_server`'s before the others, so that the
+    users of each are contiguous; otherwise the order is kept."""
+    items.sort(key=lambda item: [name not in getattr(item, "fixturenames", ()) for name in SHARED])
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    for item in session.items:  # after deselection (-k, -m): the last test that will run
+        for name in SHARED:
+            if name in getattr(item, "fixturenames", ()):
+                _last_user[name] = item.nodeid
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    yield
+    for name in SHARED:
+        if _last_user.get(name) == item.nodeid and name in _live:
+            _stop(_live.pop(name))
+
+
+def _stop(srv: Server) -> None:
+    srv.stop()
+    assert state_processes(srv.state_dir) == [], "vLLM or supervisord processes outlived vllama serve"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -28,29 +66,18 @@ def no_leftovers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
             pass
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, tiny_model_b: Path) -> Iterator[Server]:
-    """`vllama serve` with two models (different weights), each on its own vLLM.
-
-    Per module, not per session: a server kept for the whole session would hold ~5 GB of RAM
-    while other modules' servers run, and the memory planner rightly refuses models then.
-    """
+    """`vllama serve` with two models (different weights), each on its own vLLM (~5 GB of RAM)."""
     root = tmp_path_factory.mktemp("e2e")
     cfg = write_config(root / "models.yaml", [
         {"name": "tiny-a", "aliases": ["alpha"], "source": str(tiny_model), "max_model_len": 1024},
         {"name": "tiny-b", "source": str(tiny_model_b), "max_model_len": 1024},
     ])
-    srv = Server(config_path=cfg, state_dir=root / "run", port=free_port())
-    srv.start()
-    try:
-        srv.wait_ready(MODELS)
-        yield srv
-    finally:
-        srv.stop()
-        assert state_processes(srv.state_dir) == [], "vLLM or supervisord processes outlived vllama serve"
+    yield from _shared("server", Server(config_path=cfg, state_dir=root / "run", port=free_port()), MODELS)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def embed_server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator[Server]:
     """A second `vllama serve` with `tiny-embed`: the tiny model served with ``--runner pooling``.
 
@@ -62,11 +89,16 @@ def embed_server(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> 
     cfg = write_config(root / "models.yaml", [
         {"name": "tiny-embed", "source": str(tiny_model), "max_model_len": 1024, "embedding": True},
     ])
-    srv = Server(config_path=cfg, state_dir=root / "run", port=free_port())
+    yield from _shared("embed_server", Server(config_path=cfg, state_dir=root / "run", port=free_port()),
+                       ["tiny-embed"])
+
+
+def _shared(name: str, srv: Server, models: list[str]) -> Iterator[Server]:
+    _live[name] = srv
     srv.start()
     try:
-        srv.wait_ready(["tiny-embed"])
+        srv.wait_ready(models)
         yield srv
     finally:
-        srv.stop()
-        assert state_processes(srv.state_dir) == [], "vLLM or supervisord processes outlived vllama serve"
+        if _live.pop(name, None) is not None:  # not yet stopped after its last user
+            _stop(srv)
