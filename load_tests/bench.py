@@ -23,12 +23,13 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import math
 import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,8 @@ class Row:
     cpu_s: float | None = None
     """CPU seconds the server under test used (router or proxy), when measured."""
     first_error: str | None = None
+    batch_tok_s: list[float] = field(default_factory=list)
+    """Output tokens/s of each batch (one per repeat), in run order: paired ratios (see `side_ratios`)."""
 
 
 def summarize(batches: Sequence[Batch], cpu_s: float | None = None) -> Row:
@@ -103,6 +106,8 @@ def summarize(batches: Sequence[Batch], cpu_s: float | None = None) -> Row:
         lat_p50_ms=_ms(pct([r.latency for r in ok], 50)), lat_p99_ms=_ms(pct([r.latency for r in ok], 99)),
         cpu_s=None if cpu_s is None else round(cpu_s, 3),
         first_error=errs[0].error if errs else None,
+        batch_tok_s=[round(sum(r.output_tokens for r in b.results if r.ok) / b.wall, 1) if b.wall else 0.0
+                     for b in batches],
     )
 
 
@@ -412,11 +417,14 @@ def cmd_side_by_side(a: argparse.Namespace) -> int:
         print(f"measured in {time.perf_counter() - t0:.0f}s")
     print_rows(f"side by side (max_tokens {a.max_tokens}, {a.repeats} interleaved repeats)", rows)
     ratios = side_ratios(rows, targets, levels, streams_of(a.stream))
-    header = ["router target", "conc", "stream", "tok/s ÷ direct", "TTFT p50 +ms", "lat p50 +ms",
+    header = ["router target", "conc", "stream", "tok/s ÷ direct", "per repeat", "TTFT p50 +ms", "lat p50 +ms",
               "÷ serial (wall)"]
     print_table("router ÷ direct vLLM, and router ÷ serial baseline (>1 = router faster)", header,
                 [[r["target"], r["concurrency"], "yes" if r["stream"] else "no", r["throughput_vs_direct"],
-                  r["ttft_p50_added_ms"], r["lat_p50_added_ms"], r["speedup_vs_serial"]] for r in ratios])
+                  "–".join(map(str, r["throughput_vs_direct_range"] or [])), r["ttft_p50_added_ms"],
+                  r["lat_p50_added_ms"], r["speedup_vs_serial"]] for r in ratios])
+    print_table("tok/s ÷ direct over all levels (geometric mean)",
+                ["router target", "stream", "levels", "geomean", "lowest", "highest"], geomean_by_target(ratios))
     write_results(Path(a.out), "side-by-side", a, {"rows": [asdict(r) for r in rows], "ratios": ratios},
                   lambda p: plot_rows(rows, p, f"vLLama vs vLLM direct vs serial (tiny model, max_tokens "
                                               f"{a.max_tokens})"))
@@ -439,6 +447,9 @@ def side_ratios(rows: Sequence[Row], targets: Sequence[Target], levels: Sequence
                 out.append({
                     "target": t.name, "concurrency": c, "stream": s,
                     "throughput_vs_direct": _ratio(r.tok_s, d.tok_s if d else None),
+                    # Each repeat's batch against the direct batch that ran next to it: their
+                    # spread is the noise this one ratio carries.
+                    "throughput_vs_direct_range": _spread(r.batch_tok_s, d.batch_tok_s) if d else None,
                     "req_s_vs_direct": _ratio(r.req_s, d.req_s if d else None),
                     "ttft_p50_added_ms": _diff(r.ttft_p50_ms, d.ttft_p50_ms if d else None),
                     "lat_p50_added_ms": _diff(r.lat_p50_ms, d.lat_p50_ms if d else None),
@@ -446,6 +457,23 @@ def side_ratios(rows: Sequence[Row], targets: Sequence[Target], levels: Sequence
                     "speedup_vs_serial": _ratio(ser.wall_s / ser.requests, r.wall_s / r.requests) if ser else None,
                 })
     return out
+
+
+def _spread(mine: Sequence[float], theirs: Sequence[float]) -> list[float] | None:
+    """Lowest and highest of the paired per-repeat ratios."""
+    pairs = [m / t for m, t in zip(mine, theirs, strict=False) if t]
+    return [round(min(pairs), 3), round(max(pairs), 3)] if pairs else None
+
+
+def geomean_by_target(ratios: Sequence[Mapping[str, Any]], key: str = "throughput_vs_direct") -> list[list[Any]]:
+    """Per router target (and streamed or not): the geometric mean of `key` over every level,
+    the pooled figure that the per-level noise averages out of."""
+    groups: dict[tuple[str, bool], list[float]] = {}
+    for r in ratios:
+        if r.get(key):
+            groups.setdefault((r["target"], r["stream"]), []).append(r[key])
+    return [[t, "yes" if s else "no", len(v), round(math.exp(sum(map(math.log, v)) / len(v)), 3),
+             round(min(v), 3), round(max(v), 3)] for (t, s), v in groups.items()]
 
 
 def _tiny_model() -> Path:

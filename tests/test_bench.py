@@ -98,3 +98,18 @@ def test_stats() -> None:
     assert bench.pct([3.0], 99) == 3.0
     assert bench.pct([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
     assert bench.pct(list(map(float, range(101))), 99) == pytest.approx(99.0)
+
+
+def test_side_by_side_ratios_carry_their_per_repeat_spread_and_a_pooled_mean() -> None:
+    def batch(name: str, tokens: int, wall: float) -> client.Batch:
+        return client.Batch(name, 10, True, wall, [client.Result(ok=True, status=200, latency=wall, ttft=None, output_tokens=tokens)])
+
+    router = bench.summarize([batch("vllama /v1", 100, 1.0), batch("vllama /v1", 90, 1.0)])
+    direct = bench.summarize([batch("direct vLLM", 100, 1.0), batch("direct vLLM", 120, 1.0)])
+    assert router.batch_tok_s == [100.0, 90.0]
+    targets = [client.Target("vllama /v1", "", "openai", "chat", "m"), client.Target("direct vLLM", "", "openai", "chat", "m")]
+    [r] = bench.side_ratios([router, direct], targets, [10], [True])
+    assert r["throughput_vs_direct"] == round(190 / 220, 3)
+    assert r["throughput_vs_direct_range"] == [0.75, 1.0]  # 90/120 and 100/100, each pair run side by side
+    more = [{**r, "concurrency": 50, "throughput_vs_direct": 0.5}, {**r, "throughput_vs_direct": 2.0}]
+    assert bench.geomean_by_target(more) == [["vllama /v1", "yes", 2, 1.0, 0.5, 2.0]]
