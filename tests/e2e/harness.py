@@ -90,7 +90,6 @@ class Server:
                  "--state-dir", str(self.state_dir), "--port", str(self.port)],
                 stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
             )
-        log.close()
 
     def wait_listening(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
