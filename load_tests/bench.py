@@ -26,9 +26,10 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,13 +83,15 @@ class Row:
     lat_p50_ms: float | None
     lat_p99_ms: float | None
     cpu_s: float | None = None
-    """CPU seconds the server under test used (router or proxy), when measured."""
+    """CPU seconds the server under test used (router or proxy, with the processes it started), when measured."""
+    own_cpu_s: float | None = None
+    """... of those, the server's own process (the router alone, without its vLLMs)."""
     first_error: str | None = None
     batch_tok_s: list[float] = field(default_factory=list)
     """Output tokens/s of each batch (one per repeat), in run order: paired ratios (see `side_ratios`)."""
 
 
-def summarize(batches: Sequence[Batch], cpu_s: float | None = None) -> Row:
+def summarize(batches: Sequence[Batch], cpu_s: float | None = None, own_cpu_s: float | None = None) -> Row:
     b0 = batches[0]
     results: list[Result] = [r for b in batches for r in b.results]
     wall = sum(b.wall for b in batches)
@@ -105,6 +108,7 @@ def summarize(batches: Sequence[Batch], cpu_s: float | None = None) -> Row:
         ttft_p99_ms=_ms(pct([r.ttft for r in ok if r.ttft is not None], 99)),
         lat_p50_ms=_ms(pct([r.latency for r in ok], 50)), lat_p99_ms=_ms(pct([r.latency for r in ok], 99)),
         cpu_s=None if cpu_s is None else round(cpu_s, 3),
+        own_cpu_s=None if own_cpu_s is None else round(own_cpu_s, 3),
         first_error=errs[0].error if errs else None,
         batch_tok_s=[round(sum(r.output_tokens for r in b.results if r.ok) / b.wall, 1) if b.wall else 0.0
                      for b in batches],
@@ -255,28 +259,36 @@ async def interleaved(targets: Sequence[Target], levels: Sequence[int], streams:
                       repeats: int, requests: Callable[[int], int] | None = None, seconds: float | None = None,
                       max_tokens: int, skip: Callable[[Target, int], bool] = lambda t, c: False,
                       cpu_of: Callable[[Target], harness.Proc | None] = lambda t: None,
-                      log: bool = True) -> list[Row]:
-    """Every (level, stream) runs each target in turn, A B A B (order flipped each repeat)."""
+                      settle: Collection[harness.Proc] = (), log: bool = True) -> list[Row]:
+    """Every (level, stream) runs each target in turn, A B A B (order flipped each repeat).
+
+    Before each batch, every server measured (`cpu_of`) and every one in `settle` must be idle.
+    """
     rows: list[Row] = []
+    quiet = {p for p in (*map(cpu_of, targets), *settle) if p is not None}
     for conc in levels:
         for stream in streams:
             got: dict[str, list[Batch]] = {t.name: [] for t in targets}
             cpu: dict[str, float] = {t.name: 0.0 for t in targets}
+            own: dict[str, float] = {t.name: 0.0 for t in targets}
             for rep in range(repeats):
                 order = list(targets) if rep % 2 == 0 else list(reversed(targets))
                 for t in order:
                     if skip(t, conc):
                         continue
                     proc = cpu_of(t)
-                    await quiesce({p for p in map(cpu_of, targets) if p is not None})
-                    c0 = _cpu(proc)
+                    await quiesce(quiet)
+                    c0, o0 = _cpu(proc), _cpu(proc, children=False)
                     b = await run_batch(t, conc, requests=requests(conc) if requests else None, seconds=seconds,
                                         max_tokens=max_tokens, stream=stream)
                     cpu[t.name] += _cpu(proc) - c0
+                    own[t.name] += _cpu(proc, children=False) - o0
                     got[t.name].append(b)
             for t in targets:
                 if got[t.name]:
-                    row = summarize(got[t.name], cpu[t.name] if cpu_of(t) else None)
+                    measured = cpu_of(t) is not None
+                    row = summarize(got[t.name], cpu[t.name] if measured else None,
+                                    own[t.name] if measured else None)
                     rows.append(row)
                     if log:
                         print(f"  {row.target:28s} c={conc:<4d} stream={stream!s:5s} {row.req_s:9.1f} req/s "
@@ -297,14 +309,15 @@ async def quiesce(procs: set[harness.Proc], idle: float = 0.1, timeout: float = 
             return
 
 
-def _cpu(proc: harness.Proc | None) -> float:
+def _cpu(proc: harness.Proc | None, children: bool = True) -> float:
+    """User + system CPU seconds of `proc` and (unless not `children`) what it started, but supervisord."""
     if proc is None:
         return 0.0
     try:
         p = psutil.Process(proc.pid)
         t = p.cpu_times()
         total = t.user + t.system
-        for c in p.children(recursive=True):
+        for c in p.children(recursive=True) if children else ():
             if c.name().startswith("supervisord"):
                 continue
             ct = c.cpu_times()
@@ -384,10 +397,11 @@ def cmd_side_by_side(a: argparse.Namespace) -> int:
             raise SystemExit("--direct URL is needed with --router (the vLLM the router sends the model to)")
         # vLLama serves a model under its canonical name ("tiny" → "tiny:latest")
         served = a.served_name or (a.model if ":" in a.model else a.model + ":latest")
+        serial_proc: harness.Proc | None = None
         if not serial_url and not a.no_serial:
             print("starting the serial baseline: vLLM --max-num-seqs 1 ...", flush=True)
-            _, serial_url = harness.vllm(stack, model_dir, served, max_num_seqs=1,
-                                         label="vllm-serial")
+            serial_proc, serial_url = harness.vllm(stack, model_dir, served, max_num_seqs=1,
+                                                   label="vllm-serial")
         eos = {"ignore_eos": True}
         targets = [
             Target("vllama /api/generate", router_url, "ollama", "generate", a.model),
@@ -409,7 +423,11 @@ def cmd_side_by_side(a: argparse.Namespace) -> int:
             return await interleaved(targets, levels, streams_of(a.stream), repeats=a.repeats,
                                      max_tokens=a.max_tokens, skip=skip,
                                      requests=lambda c: _requests_for(c, a.requests, a.rounds),
-                                     cpu_of=lambda t: router_proc if t.name.startswith("vllama") else None)
+                                     cpu_of=lambda t: router_proc if t.name.startswith("vllama") else None,
+                                     # A vLLM keeps a core busy polling for ~0.85 s after its last
+                                     # request: the batch after the serial one must not pay for that
+                                     # (the direct vLLM is the router's, watched through cpu_of).
+                                     settle=[serial_proc] if serial_proc else [])
 
         harness.install_uvloop()
         t0 = time.perf_counter()
@@ -417,14 +435,19 @@ def cmd_side_by_side(a: argparse.Namespace) -> int:
         print(f"measured in {time.perf_counter() - t0:.0f}s")
     print_rows(f"side by side (max_tokens {a.max_tokens}, {a.repeats} interleaved repeats)", rows)
     ratios = side_ratios(rows, targets, levels, streams_of(a.stream))
-    header = ["router target", "conc", "stream", "tok/s ÷ direct", "per repeat", "TTFT p50 +ms", "lat p50 +ms",
-              "÷ serial (wall)"]
+    header = ["router target", "conc", "stream", "tok/s ÷ direct", "per repeat", "median", "TTFT p50 +ms",
+              "lat p50 +ms", "÷ serial (wall)", "router cores", "router µs/token"]
     print_table("router ÷ direct vLLM, and router ÷ serial baseline (>1 = router faster)", header,
                 [[r["target"], r["concurrency"], "yes" if r["stream"] else "no", r["throughput_vs_direct"],
-                  "–".join(map(str, r["throughput_vs_direct_range"] or [])), r["ttft_p50_added_ms"],
-                  r["lat_p50_added_ms"], r["speedup_vs_serial"]] for r in ratios])
+                  "–".join(map(str, r["throughput_vs_direct_range"] or [])), r["throughput_vs_direct_median"],
+                  r["ttft_p50_added_ms"],
+                  r["lat_p50_added_ms"], r["speedup_vs_serial"], r["router_cores"],
+                  r["router_cpu_us_per_token"]] for r in ratios])
     print_table("tok/s ÷ direct over all levels (geometric mean)",
                 ["router target", "stream", "levels", "geomean", "lowest", "highest"], geomean_by_target(ratios))
+    print_table("the same, of the per-repeat medians",
+                ["router target", "stream", "levels", "geomean", "lowest", "highest"],
+                geomean_by_target(ratios, "throughput_vs_direct_median"))
     write_results(Path(a.out), "side-by-side", a, {"rows": [asdict(r) for r in rows], "ratios": ratios},
                   lambda p: plot_rows(rows, p, f"vLLama vs vLLM direct vs serial (tiny model, max_tokens "
                                               f"{a.max_tokens})"))
@@ -450,19 +473,40 @@ def side_ratios(rows: Sequence[Row], targets: Sequence[Target], levels: Sequence
                     # Each repeat's batch against the direct batch that ran next to it: their
                     # spread is the noise this one ratio carries.
                     "throughput_vs_direct_range": _spread(r.batch_tok_s, d.batch_tok_s) if d else None,
+                    # ... and their median: one slow or fast batch (the host's noise) cannot move it.
+                    "throughput_vs_direct_median": _paired_median(r.batch_tok_s, d.batch_tok_s) if d else None,
                     "req_s_vs_direct": _ratio(r.req_s, d.req_s if d else None),
                     "ttft_p50_added_ms": _diff(r.ttft_p50_ms, d.ttft_p50_ms if d else None),
                     "lat_p50_added_ms": _diff(r.lat_p50_ms, d.lat_p50_ms if d else None),
                     # the same requests: wall-time ratio = throughput ratio
                     "speedup_vs_serial": _ratio(ser.wall_s / ser.requests, r.wall_s / r.requests) if ser else None,
+                    # What the router itself (not its vLLM) took of the cores the batch ran on.
+                    **_router_cpu(r),
                 })
     return out
 
 
+def _router_cpu(r: Row) -> dict[str, float | None]:
+    tokens = r.tok_s * r.wall_s
+    own = r.own_cpu_s
+    return {"router_cores": round(own / r.wall_s, 3) if own is not None and r.wall_s else None,
+            "router_cpu_us_per_token": round(own * 1e6 / tokens, 1) if own is not None and tokens else None}
+
+
+def _pairs(mine: Sequence[float], theirs: Sequence[float]) -> list[float]:
+    """Each repeat's batch ÷ the batch of the other target that ran next to it."""
+    return [m / t for m, t in zip(mine, theirs, strict=False) if t]
+
+
 def _spread(mine: Sequence[float], theirs: Sequence[float]) -> list[float] | None:
     """Lowest and highest of the paired per-repeat ratios."""
-    pairs = [m / t for m, t in zip(mine, theirs, strict=False) if t]
+    pairs = _pairs(mine, theirs)
     return [round(min(pairs), 3), round(max(pairs), 3)] if pairs else None
+
+
+def _paired_median(mine: Sequence[float], theirs: Sequence[float]) -> float | None:
+    pairs = _pairs(mine, theirs)
+    return round(statistics.median(pairs), 3) if pairs else None
 
 
 def geomean_by_target(ratios: Sequence[Mapping[str, Any]], key: str = "throughput_vs_direct") -> list[list[Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,5 +112,55 @@ def test_side_by_side_ratios_carry_their_per_repeat_spread_and_a_pooled_mean() -
     [r] = bench.side_ratios([router, direct], targets, [10], [True])
     assert r["throughput_vs_direct"] == round(190 / 220, 3)
     assert r["throughput_vs_direct_range"] == [0.75, 1.0]  # 90/120 and 100/100, each pair run side by side
+    # The median of the pairs: one batch hit by the host's noise does not move it.
+    noisy = bench.summarize([batch("vllama /v1", n, 1.0) for n in (100, 90, 10)])
+    steady = bench.summarize([batch("direct vLLM", n, 1.0) for n in (100, 120, 100)])
+    [m] = bench.side_ratios([noisy, steady], targets, [10], [True])
+    assert m["throughput_vs_direct_median"] == 0.75  # of 1.0, 0.75 and 0.1
+    assert m["throughput_vs_direct"] == 0.625
     more = [{**r, "concurrency": 50, "throughput_vs_direct": 0.5}, {**r, "throughput_vs_direct": 2.0}]
     assert bench.geomean_by_target(more) == [["vllama /v1", "yes", 2, 1.0, 0.5, 2.0]]
+
+
+def test_side_by_side_ratios_say_what_the_router_itself_took() -> None:
+    """The router's own CPU (its process, not its vLLMs) per batch: cores and µs per output token."""
+    b = client.Batch("vllama /v1", 10, True, 2.0, [client.Result(ok=True, status=200, latency=2.0, ttft=None,
+                                                                 output_tokens=1000)])
+    router = bench.summarize([b], cpu_s=3.8, own_cpu_s=0.3)
+    direct = bench.summarize([client.Batch("direct vLLM", 10, True, 2.0, b.results)])
+    targets = [client.Target("vllama /v1", "", "openai", "chat", "m"), client.Target("direct vLLM", "", "openai", "chat", "m")]
+    [r] = bench.side_ratios([router, direct], targets, [10], [True])
+    assert r["router_cores"] == 0.15  # 0.3 CPU-s over 2 s of wall
+    assert r["router_cpu_us_per_token"] == 300.0  # 0.3 s over 1,000 tokens
+    assert bench.side_ratios([direct, direct], targets[1:], [10], [True]) == []
+
+
+class _Pid:
+    """Stands in for a harness.Proc: all the bench reads of one is its pid."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+
+async def test_interleaved_waits_for_every_settling_server_before_each_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that is not measured (the serial vLLM) must still be idle before the next batch:
+    a vLLM keeps a core busy for ~0.85 s after its last request."""
+    waited: list[set[object]] = []
+
+    async def quiesce(procs: set[object], **_: object) -> None:
+        waited.append(set(procs))
+
+    monkeypatch.setattr(bench, "quiesce", quiesce)
+    fake = FakeVLLM(Settings(model="m"))
+    port = await fake.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        targets = [client.Target(n, url, "openai", "chat", "m") for n in ("a", "b")]
+        measured, serial = _Pid(os.getpid()), _Pid(os.getpid())
+        rows = await bench.interleaved(targets, [2], [False], repeats=2, requests=lambda c: 2, max_tokens=3,
+                                       cpu_of=lambda t: measured if t.name == "a" else None,  # type: ignore[arg-type,return-value]
+                                       settle=[serial], log=False)  # type: ignore[list-item]
+    finally:
+        await fake.close()
+    assert [r.target for r in rows] == ["a", "b"] and all(r.requests == 4 for r in rows)
+    assert waited == [{measured, serial}] * 4  # before each of the 2 × 2 batches
