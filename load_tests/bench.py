@@ -440,8 +440,7 @@ def cmd_side_by_side(a: argparse.Namespace) -> int:
     print_table("router ÷ direct vLLM, and router ÷ serial baseline (>1 = router faster)", header,
                 [[r["target"], r["concurrency"], "yes" if r["stream"] else "no", r["throughput_vs_direct"],
                   "–".join(map(str, r["throughput_vs_direct_range"] or [])), r["throughput_vs_direct_median"],
-                  r["ttft_p50_added_ms"],
-                  r["lat_p50_added_ms"], r["speedup_vs_serial"], r["router_cores"],
+                  r["ttft_p50_added_ms"], r["lat_p50_added_ms"], r["speedup_vs_serial"], r["router_cores"],
                   r["router_cpu_us_per_token"]] for r in ratios])
     print_table("tok/s ÷ direct over all levels (geometric mean)",
                 ["router target", "stream", "levels", "geomean", "lowest", "highest"], geomean_by_target(ratios))
