@@ -418,6 +418,13 @@ def cmd_side_by_side(a: argparse.Namespace) -> int:
         def skip(t: Target, c: int) -> bool:
             return t.name.startswith("serial") and c not in serial_levels
 
+        serving = None
+        if a.pin_serving:
+            serving = harness.keep_off_workers([p for p in (router_proc, serial_proc) if p])
+            print(f"router, vLLM API servers, EngineCores and this client pinned to cores {sorted(serving)}; "
+                  "vLLM's workers keep their own" if serving else
+                  "--pin-serving: no vLLM worker bound to a core of its own (or none started here): nothing pinned")
+
         async def go() -> list[Row]:
             await warm(targets, a.max_tokens)
             return await interleaved(targets, levels, streams_of(a.stream), repeats=a.repeats,
@@ -447,7 +454,8 @@ def cmd_side_by_side(a: argparse.Namespace) -> int:
     print_table("the same, of the per-repeat medians",
                 ["router target", "stream", "levels", "geomean", "lowest", "highest"],
                 geomean_by_target(ratios, "throughput_vs_direct_median"))
-    write_results(Path(a.out), "side-by-side", a, {"rows": [asdict(r) for r in rows], "ratios": ratios},
+    write_results(Path(a.out), "side-by-side", a, {"rows": [asdict(r) for r in rows], "ratios": ratios,
+                                                   "serving_cpus": sorted(serving) if serving else None},
                   lambda p: plot_rows(rows, p, f"vLLama vs vLLM direct vs serial (tiny model, max_tokens "
                                               f"{a.max_tokens})"))
     return 0
@@ -731,6 +739,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--requests", type=int, default=10, help="requests at concurrency 1")
     s.add_argument("--rounds", type=int, default=2, help="requests per level = rounds × concurrency")
     s.add_argument("--serial-levels", default="1,5,10", help="levels the serial baseline runs (it is slow)")
+    s.add_argument("--pin-serving", action="store_true",
+                   help="keep everything but vLLM's workers (router, API servers, EngineCores, this client) off "
+                        "the cores vLLM bound its workers to (servers started here only)")
     common(s, ",".join(map(str, SEED_LEVELS)), 32)
     s.set_defaults(func=cmd_side_by_side)
 

@@ -62,6 +62,43 @@ def pin(pid: int, cpus: set[int] | None) -> None:
         pass
 
 
+def serving_cpus(machine: set[int], bound: list[set[int]]) -> set[int] | None:
+    """The cores no vLLM worker is bound to: where the rest of the serving stack belongs.
+
+    vLLM on CPU binds each worker's OpenMP threads to its own cores and leaves the others
+    "reserved for other processes" (on 2 cores: worker on core 0, core 1 reserved), but it
+    pins nothing else: its API server, its EngineCore, the router and the load client float,
+    and the kernel's load balancer puts one of them on the worker's core, which then loses
+    10-25% of its time. None when no worker is bound or the workers hold every core.
+    """
+    taken = set().union(*bound) if bound else set()
+    rest = machine - taken
+    return rest if taken and rest else None
+
+
+def keep_off_workers(roots: list[Proc]) -> set[int] | None:
+    """Pin every process under `roots` but vLLM's workers (and this process: the load client)
+    to `serving_cpus`; return those cores, or None (nothing pinned)."""
+    machine = set(os.sched_getaffinity(0))
+    workers: list[psutil.Process] = []
+    others: list[psutil.Process] = []
+    for root in roots:
+        with contextlib.suppress(psutil.Error):
+            top = psutil.Process(root.pid)
+            for p in [top, *top.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    (workers if set(p.cpu_affinity()) < machine else others).append(p)
+    cpus = serving_cpus(machine, [set(w.cpu_affinity()) for w in workers])
+    if cpus is None:
+        return None
+    for p in [*others, psutil.Process()]:
+        with contextlib.suppress(psutil.Error):
+            for t in p.threads():  # this process's threads only: a worker may be its child
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(t.id, cpus)
+    return cpus
+
+
 @dataclass(eq=False)
 class Proc:
     """A child process with a log file, stopped with its whole process group."""

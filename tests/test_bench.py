@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import msgspec
@@ -164,3 +165,43 @@ async def test_interleaved_waits_for_every_settling_server_before_each_batch(mon
         await fake.close()
     assert [r.target for r in rows] == ["a", "b"] and all(r.requests == 4 for r in rows)
     assert waited == [{measured, serial}] * 4  # before each of the 2 × 2 batches
+
+
+def test_serving_cpus_are_the_cores_no_vllm_worker_is_bound_to() -> None:
+    from load_tests.harness import serving_cpus
+
+    assert serving_cpus({0, 1}, [{0}]) == {1}
+    assert serving_cpus({0, 1, 2, 3}, [{0, 1}, {1}]) == {2, 3}
+    assert serving_cpus({0, 1}, []) is None  # nothing bound: nothing to keep off
+    assert serving_cpus({0, 1}, [{0}, {1}]) is None  # the workers hold every core
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two cores to pin to")
+def test_keep_off_workers_moves_all_but_the_bound_worker_and_leaves_the_worker_alone(tmp_path: Path) -> None:
+    """A server whose child is bound to one core (as vLLM binds its worker): the server and
+    this process move to the other cores, the child keeps its core."""
+    import psutil
+
+    from load_tests import harness
+
+    machine = set(os.sched_getaffinity(0))
+    worker_core = min(machine)
+    code = ("import os, subprocess, sys, time\n"
+            f"w = subprocess.Popen([sys.executable, '-c', 'import os, time; os.sched_setaffinity(0, {{{worker_core}}}); "
+            "print(1, flush=True); time.sleep(60)'], stdout=subprocess.PIPE)\n"
+            "w.stdout.readline(); print('ready', flush=True); time.sleep(60)\n")
+    server = harness.Proc("server", [sys.executable, "-c", code], tmp_path / "server.log").start()
+    try:
+        deadline = time.monotonic() + 20
+        while "ready" not in server.tail() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (worker,) = psutil.Process(server.pid).children()
+        cpus = harness.keep_off_workers([server])
+        assert cpus == machine - {worker_core}
+        assert set(psutil.Process(server.pid).cpu_affinity()) == cpus
+        assert set(os.sched_getaffinity(0)) == cpus
+        assert worker.cpu_affinity() == [worker_core]
+    finally:
+        os.sched_setaffinity(0, machine)  # the rest of the suite keeps every core
+        server.stop()
