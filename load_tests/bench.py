@@ -421,9 +421,11 @@ def cmd_side_by_side(a: argparse.Namespace) -> int:
         serving = None
         if a.pin_serving:
             serving = harness.keep_off_workers([p for p in (router_proc, serial_proc) if p])
-            print(f"router, vLLM API servers, EngineCores and this client pinned to cores {sorted(serving)}; "
-                  "vLLM's workers keep their own" if serving else
-                  "--pin-serving: no vLLM worker bound to a core of its own (or none started here): nothing pinned")
+            if serving:
+                print(f"router, vLLM API servers, EngineCores and this client pinned to cores {sorted(serving)}; "
+                      "vLLM's workers keep their own")
+            else:
+                print("--pin-serving: no vLLM worker started here is bound to cores of its own: nothing pinned")
 
         async def go() -> list[Row]:
             await warm(targets, a.max_tokens)
