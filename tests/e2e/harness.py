@@ -26,10 +26,9 @@ class BackgroundStream(threading.Thread):
     while a generation is in flight.
 
     `paused=True` reads the first line, then nothing until `resume` is set, on a socket with a
-    small receive buffer: a stream larger than what the sockets and the router buffer cannot
-    finish, so the request stays in flight for as long as the test needs, however fast the
-    model generates. The kernel's send buffers grow to 4 MB a socket on loopback: make the
-    stream several times that.
+    small receive buffer: a stream larger than the few hundred KB the sockets and the router
+    buffer cannot finish, so the request stays in flight for as long as the test needs,
+    however fast the model generates.
     """
 
     def __init__(self, url: str, body: dict[str, Any], *, paused: bool = False) -> None:

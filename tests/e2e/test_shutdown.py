@@ -45,9 +45,8 @@ def test_sigterm_lets_in_flight_requests_finish_then_leaves_nothing(tmp_path: Pa
 def _sigterm_with_a_request_in_flight(srv: Server) -> None:
     tree = {p.pid for p in srv.tree()}
     assert len(tree) >= 4  # vllama, supervisord, vLLM API server, EngineCore (+ worker)
-    # The client reads one line, then pauses. The SIGTERM comes at once and the check a second
-    # after "Shutting down": 3000 tokens take the tiny model 10 s or more, so the request is
-    # still in flight then, even though its ~300 KB of lines could fit in the kernel's buffers.
+    # The client reads one line, then pauses: ~300 KB of lines cannot all fit in the socket
+    # buffers, so the request is still in flight when the SIGTERM comes, however fast the model.
     t = BackgroundStream(srv.url + "/api/chat", {
         "model": "solo", "messages": [{"role": "user", "content": "go"}],
         "options": {"num_predict": 3000, "temperature": 0}}, paused=True)
