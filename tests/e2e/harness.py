@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,41 +25,52 @@ import yaml
 class BackgroundStream(threading.Thread):
     """A streamed request read on a thread: its JSON lines (Ollama's NDJSON or OpenAI's SSE
     events), and `started` once the first has come, so a test can act (reload, SIGTERM)
-    while a generation is in flight.
-
-    `paused=True` reads the first line, then nothing until `resume` is set, on a socket with a
-    small receive buffer: a stream larger than the few hundred KB the sockets and the router
-    buffer cannot finish, so the request stays in flight for as long as the test needs,
-    however fast the model generates.
+    while a generation is in flight (hold the model with `frozen` to keep it there).
     """
 
-    def __init__(self, url: str, body: dict[str, Any], *, paused: bool = False) -> None:
+    def __init__(self, url: str, body: dict[str, Any]) -> None:
         super().__init__(daemon=True)
         self.url, self.body = url, body
         self.lines: list[dict[str, Any]] = []
         self.error: BaseException | None = None
         """What ended the read, if not the end of the stream (shown by failing tests)."""
         self.started = threading.Event()
-        self.resume = threading.Event()
-        if not paused:
-            self.resume.set()
-        options = [] if not paused else [(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)]
-        self.client = httpx.Client(transport=httpx.HTTPTransport(socket_options=options), timeout=120)
         self.start()
 
     def run(self) -> None:
         try:
-            with self.client, self.client.stream("POST", self.url, json=self.body) as r:
+            with httpx.stream("POST", self.url, json=self.body, timeout=120) as r:
                 for line in r.iter_lines():
                     if line and line != "data: [DONE]":
                         self.lines.append(json.loads(line.removeprefix("data: ")))
                         self.started.set()
-                        self.resume.wait()
         except BaseException as e:  # noqa: BLE001 - kept for the test's assertion message
             self.error = e
 
     def __repr__(self) -> str:
         return f"<stream: {len(self.lines)} lines, last {self.lines[-1:]}, error {self.error!r}>"
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """Hold a vLLM server and its engine processes still (SIGSTOP) for the block, then let them
+    go on (SIGCONT), whatever happened in it.
+
+    A request to a frozen model stays in flight by construction, however fast the model
+    generates and however much the sockets buffer: what a drain or a graceful shutdown must
+    wait for. (Pausing the reading client instead let the tiny model finish into the kernel's
+    send buffers, which grow to megabytes, before a reload had landed.)
+    """
+    root = psutil.Process(pid)
+    procs = [root, *root.children(recursive=True)]
+    for p in procs:
+        p.suspend()
+    try:
+        yield
+    finally:
+        for p in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.resume()
 
 
 def free_port() -> int:

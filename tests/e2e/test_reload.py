@@ -12,7 +12,7 @@ import psutil
 import pytest
 import yaml
 
-from .harness import BackgroundStream, Server, free_port, state_processes, write_config
+from .harness import BackgroundStream, Server, free_port, frozen, state_processes, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -172,20 +172,20 @@ def test_changing_one_model_restarts_only_it_and_aliases_apply_at_once(editable:
 def test_removing_a_model_drains_then_stops_it(editable: Server) -> None:
     pid = status(editable)["r3:latest"]["pid"]
     applied = editable.log_path.read_text().count("reload applied")  # type: ignore[union-attr]
-    # The client reads one event, then pauses: ~600 KB of events cannot all fit in the socket
-    # buffers, so the request stays in flight until the test resumes it, however fast r3 is.
     # ignore_eos keeps the random test model from stopping early.
     t = BackgroundStream(editable.url + "/v1/completions", {
         "model": "r3", "prompt": "story", "max_tokens": 3000, "ignore_eos": True, "stream": True,
-        "stream_options": {"include_usage": True}}, paused=True)
+        "stream_options": {"include_usage": True}})
     assert t.started.wait(60)
-    edit(editable, lambda d: d.update(models=[m for m in d["models"] if m["name"] != "r3"]))
-    # The reload applied, its supervisord update included (the log line comes after it).
-    wait_until(lambda: editable.log_path.read_text().count("reload applied") > applied, timeout=30)  # type: ignore[union-attr]
-    assert "r3:latest" not in registered(editable)
-    assert generate(editable, "r3").status_code == 404  # no new requests for it...
-    assert t.is_alive() and alive(pid), t  # ...but the one in flight still runs
-    t.resume.set()
+    with frozen(pid):  # r3 cannot finish before the reload lands, however fast it is
+        edit(editable, lambda d: d.update(models=[m for m in d["models"] if m["name"] != "r3"]))
+        # The reload applied, its supervisord update included (the log line comes after it).
+        wait_until(lambda: editable.log_path.read_text().count("reload applied") > applied, timeout=30)  # type: ignore[union-attr]
+        assert "r3:latest" not in registered(editable)
+        assert generate(editable, "r3").status_code == 404  # no new requests for it...
+        time.sleep(1)  # time enough to begin stopping r3, were the drain not waiting for its request
+        stops = editable.log_path.read_text().count("r3:latest: stopping")  # type: ignore[union-attr]
+        assert stops == 0 and t.is_alive(), t  # ...but the one in flight still runs
     t.join(120)
     assert t.lines and (t.lines[-1].get("usage") or {}).get("completion_tokens") == 3000, t  # drained, not cut
     wait_until(lambda: "r3:latest" not in status(editable) and not alive(pid), timeout=60)

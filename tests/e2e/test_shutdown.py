@@ -10,7 +10,7 @@ import httpx
 import psutil
 import pytest
 
-from .harness import BackgroundStream, Server, free_port, state_processes, write_config
+from .harness import BackgroundStream, Server, free_port, frozen, state_processes, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -45,19 +45,19 @@ def test_sigterm_lets_in_flight_requests_finish_then_leaves_nothing(tmp_path: Pa
 def _sigterm_with_a_request_in_flight(srv: Server) -> None:
     tree = {p.pid for p in srv.tree()}
     assert len(tree) >= 4  # vllama, supervisord, vLLM API server, EngineCore (+ worker)
-    # The client reads one line, then pauses: ~300 KB of lines cannot all fit in the socket
-    # buffers, so the request is still in flight when the SIGTERM comes, however fast the model.
+    pid = httpx.get(srv.url + "/vllama/models/solo", timeout=10).json()["pid"]
     t = BackgroundStream(srv.url + "/api/chat", {
         "model": "solo", "messages": [{"role": "user", "content": "go"}],
-        "options": {"num_predict": 3000, "temperature": 0}}, paused=True)
+        "options": {"num_predict": 3000, "temperature": 0}})
     assert t.started.wait(60)
-    srv.proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while "Shutting down" not in srv.log() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    time.sleep(1)  # time enough to stop the model, were it not waiting for the request
-    assert srv.proc.poll() is None and t.is_alive() and len(tree & {p.pid for p in srv.tree()}) >= 4, t
-    t.resume.set()
+    with frozen(pid):  # the request is still in flight when the SIGTERM comes, however fast the model
+        srv.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while "Shutting down" not in srv.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)  # time enough to stop the model, were it not waiting for the request
+        assert srv.proc.poll() is None and t.is_alive(), t
+        assert "stopping models and supervisord" not in srv.log()  # it waits for the request first
     t.join(120)
     lines = t.lines
     assert lines[-1]["done"] is True, lines[-1]  # finished normally, not cut
