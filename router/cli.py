@@ -83,12 +83,13 @@ def check(config_path: str | None) -> None:
     # `always` models are placed together at boot; each on-demand one must fit beside them
     # (evicting other idle on-demand models when it starts).
     always = [m for m in cfg.models if m.load == "always"]
-    plan = placement.plan(always, inventory, reserve_gb=cfg.server.reserve_gb, facts=model_facts)
+    share = placement.cpu_models(cfg)
+    plan = placement.plan(always, inventory, reserve_gb=cfg.server.reserve_gb, facts=model_facts, cpu_models=share)
     problems = list(plan.problems)
     for m in cfg.models:
         if m.load == "on_demand" and not m.url:
             alone = placement.plan([m], inventory, reserve_gb=cfg.server.reserve_gb, running=plan.placements,
-                                   facts=model_facts)
+                                   facts=model_facts, cpu_models=share)
             problems += [f"{p} (on demand)" for p in alone.problems]
     out.print(placement.render_plan_table(plan))
     if problems:

@@ -29,6 +29,7 @@ import contextlib
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol, Self, runtime_checkable
 
@@ -277,17 +278,22 @@ class HostMemory:
     reason: str = ""
     """Why we are in CPU mode, for the operator."""
     process_rss: Mapping[int, int] | None = field(default=None, repr=False)
+    cores: tuple[int, ...] = ()
+    """One logical CPU per physical core that vLLama may use (`host_cores`); empty: unknown,
+    and the planner leaves the binding of vLLM's threads to vLLM."""
 
     @classmethod
     def read(cls, reason: str = "") -> HostMemory:
+        cores = host_cores()
         try:
             import psutil
 
             vm = psutil.virtual_memory()
-            return cls(int(vm.total), int(vm.available), reason)
+            return cls(int(vm.total), int(vm.available), reason, cores=cores)
         except Exception:  # noqa: BLE001 - psutil missing or broken: /proc/meminfo is enough on Linux
             info = _meminfo()
-            return cls(info.get("MemTotal", 0), info.get("MemAvailable", info.get("MemFree", 0)), reason)
+            return cls(info.get("MemTotal", 0), info.get("MemAvailable", info.get("MemFree", 0)), reason,
+                       cores=cores)
 
     def used_by(self, pids: Iterable[int]) -> int:
         """Resident memory of `pids` (not their children: pass a whole tree)."""
@@ -295,6 +301,49 @@ class HostMemory:
         if self.process_rss is not None:
             return sum(self.process_rss.get(p, 0) for p in pids)
         return process_tree_rss(pids, children=False)
+
+
+def host_cores(allowed: Iterable[int] | None = None, sysfs: Path = Path("/sys/devices/system/cpu")) -> tuple[int, ...]:
+    """One logical CPU per physical core among those this process may run on, sorted.
+
+    What vLLM's CPU backend binds one OpenMP thread each to: the hyper-threads of a core
+    share its arithmetic units, so a second thread there slows both (vLLM's own binding
+    skips them too). `allowed`: the CPUs to choose from (default: this process's affinity,
+    which a container's cpuset narrows); a core's siblings come from sysfs, and a CPU whose
+    topology cannot be read counts as a core of its own.
+    """
+    cpus = sorted(os.sched_getaffinity(0) if allowed is None else allowed)
+    seen: set[frozenset[int]] = set()
+    out = []
+    for cpu in cpus:
+        try:
+            siblings = frozenset(parse_cpu_list((sysfs / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text()))
+        except (OSError, ValueError):
+            siblings = frozenset({cpu})
+        if siblings not in seen:
+            seen.add(siblings)
+            out.append(cpu)
+    return tuple(out)
+
+
+def parse_cpu_list(text: str) -> list[int]:
+    """The kernel's CPU list format ("0-3,8,10-11") as ids."""
+    out: list[int] = []
+    for part in text.strip().split(","):
+        lo, _, hi = part.partition("-")
+        out += range(int(lo), int(hi or lo) + 1)
+    return out
+
+
+def format_cpu_list(cpus: Iterable[int]) -> str:
+    """Ids as the kernel's (and VLLM_CPU_OMP_THREADS_BIND's) list format: [0, 1, 2, 5] → "0-2,5"."""
+    runs: list[list[int]] = []
+    for c in sorted(set(cpus)):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
 
 
 def _meminfo() -> dict[str, int]:

@@ -29,7 +29,7 @@ import msgspec
 
 from . import engine, gpu, hub, placement, supervisor
 from .config import Config, ConfigError, Model, is_local_source, load_settled, parse_duration
-from .gpu import HostMemory, Inventory
+from .gpu import HostMemory, Inventory, format_cpu_list
 from .supervisor import Supervisor
 from .upstream import Upstream
 
@@ -624,7 +624,8 @@ class Fleet:
 
     def _plan(self, models: list[Model], running: dict[str, placement.Placement] | None = None) -> placement.Plan:
         return placement.plan(models, self.inventory(), reserve_gb=self.config.server.reserve_gb,
-                              our_pids=self._our_pids(), running=running or {}, facts=self._facts)
+                              our_pids=self._our_pids(), running=running or {}, facts=self._facts,
+                              cpu_models=placement.cpu_models(self.config))
 
     async def _place(self, rt: Runtime) -> str | None:
         """Give `rt` its budget, evicting idle on-demand models if needed; None when placed.
@@ -665,7 +666,7 @@ class Fleet:
         p = self.placements.get(rt.program)
         if p is None:
             return None, None, []
-        devices = [f"gpu{i}" for i in p.gpus] or ["cpu"]
+        devices = [f"gpu{i}" for i in p.gpus] or [f"cpu {format_cpu_list(p.cpus)}" if p.cpus else "cpu"]
         if not rt.pid:
             return None, p.budget_bytes * max(1, len(p.gpus)), devices
         u = placement.usage(p, [rt.pid], self.inventory())
@@ -787,7 +788,8 @@ class Fleet:
 
     def _plan_with(self, config: Config, models: list[Model], running: dict[str, placement.Placement]) -> placement.Plan:
         return placement.plan(models, self.inventory(), reserve_gb=config.server.reserve_gb,
-                              our_pids=self._our_pids(), running=running, facts=self._facts)
+                              our_pids=self._our_pids(), running=running, facts=self._facts,
+                              cpu_models=placement.cpu_models(config))
 
     async def _drain(self, rt: Runtime, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -67,6 +67,20 @@ checked against total − reserve − RAM used by other processes (i.e. against
 MemAvailable plus what our own servers hold). It is enforced with
 ``VLLM_CPU_KVCACHE_SPACE`` = budget − weights − runtime allowance, in whole
 GiB (vLLM parses it with ``int()``: "1.5" would crash it), at least 1.
+
+CPU cores: vLLM binds one OpenMP thread to each core it computes on, and on
+its own (``VLLM_CPU_OMP_THREADS_BIND=auto``) every server picks the same ones
+(all of the host's but one), so two busy models would run two spinning
+threads per core. The planner gives each CPU model cores of its own instead:
+a contiguous run (NUMA nodes number their cores contiguously) of
+cores ÷ models, where the fewest of our models already run, one physical core
+per thread, one core left to the API servers, engine loops and the router
+when there are more cores than models, enforced with
+``VLLM_CPU_OMP_THREADS_BIND`` (one list per tensor-parallel rank). "Models"
+are every model of the registry vLLama launches (see `cpu_models`), so an
+on-demand one that starts later still finds cores of its own. A model whose
+``env`` sets the variable keeps its own binding; one in ``engine.env`` turns
+the planner's off.
 """
 
 from __future__ import annotations
@@ -83,8 +97,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from . import modelinfo
-from .config import Model
-from .gpu import Gpu, HostMemory, Inventory
+from .config import Config, Model
+from .gpu import Gpu, HostMemory, Inventory, format_cpu_list
 
 GiB = 1 << 30
 
@@ -113,6 +127,7 @@ OWNED_FLAGS = (
     "-tp",
 )
 OWNED_ENV = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "VLLM_CPU_KVCACHE_SPACE")
+CPU_BIND_ENV = "VLLM_CPU_OMP_THREADS_BIND"
 
 
 # --- inputs -------------------------------------------------------------------
@@ -199,6 +214,8 @@ class Placement:
     """No budget in models.yaml: its GPUs are its own, nobody else is placed there."""
     kept: bool = False
     """Already running and left where it was."""
+    cpus: tuple[int, ...] = ()
+    """CPU mode: the cores its threads are bound to; empty when vLLM binds them itself."""
 
     @property
     def budget_bytes_per_gpu(self) -> int:
@@ -348,6 +365,7 @@ class _Snapshot:
     mode: Mode
     rows: tuple[DeviceRow, ...]
     note: str = ""
+    cores: tuple[int, ...] = ()
 
     def fresh_rows(self) -> list[DeviceRow]:
         return [replace(r, models=list(r.models)) for r in self.rows]
@@ -366,7 +384,7 @@ def _snapshot(
         measured = inventory.used_by(ours) if ours else 0
         ours_bytes = _ours(used, measured, sum(p.budget_bytes for p in running.values()))
         row = DeviceRow(None, "RAM", inventory.total, 0, reserve, max(0, used - ours_bytes))
-        return _Snapshot("cpu", (row,), inventory.reason)
+        return _Snapshot("cpu", (row,), inventory.reason, inventory.cores)
     gpus: list[Gpu] = sorted(inventory.gpus(), key=lambda g: g.index)
     procs = inventory.processes()
     rows = []
@@ -396,6 +414,7 @@ def plan(
     running: Mapping[str, Placement] | None = None,
     facts: FactsSource = None,
     kv_cache_memory_bytes: bool = False,
+    cpu_models: int | None = None,
 ) -> Plan:
     """Place `models` on `inventory` (GPUs, or `HostMemory` for CPU mode).
 
@@ -405,10 +424,46 @@ def plan(
     name → `ModelFacts`, or a callable, for the minimum check and KV sizing.
     `kv_cache_memory_bytes`: enforce with --kv-cache-memory-bytes (pass
     `supports_kv_cache_memory_bytes(engine.python)`), else with utilization.
+    `cpu_models`: CPU mode, how many models share the cores (pass
+    `cpu_models(config)`; default: those placed now and those running; 0: vLLM
+    binds its threads itself).
     """
     running = dict(running or {})
     snap = _snapshot(inventory, reserve_gb, our_pids, running)
-    return _place(list(models), snap, running, _facts_getter(facts), kv_cache_memory_bytes)
+    return _place(list(models), snap, running, _facts_getter(facts), kv_cache_memory_bytes, cpu_models)
+
+
+def cpu_models(config: Config) -> int:
+    """How many models share the host's cores in CPU mode: every model vLLama launches
+    (on-demand ones too); 0 when ``engine.env`` sets vLLM's binding for all of them."""
+    if CPU_BIND_ENV in config.engine.env:
+        return 0
+    return sum(1 for m in config.models if m.url is None)
+
+
+def pick_cores(cores: Sequence[int], load: Mapping[int, int], share: int, tp: int = 1) -> tuple[int, ...]:
+    """The cores for one more CPU model when `share` models share `cores` and `load` counts the
+    models already bound to each: a contiguous run of len(cores) // share of them (at least
+    `tp`, one per rank) where the fewest already run, ties to the lowest. With more cores than
+    models, the last is left to the API servers, engine loops and the router. Empty when there
+    are fewer cores than ranks."""
+    pool = list(cores[:-1]) if len(cores) > max(share, 1) else list(cores)
+    if len(pool) < tp:
+        return ()
+    k = min(len(pool), max(tp, len(pool) // max(share, 1)))
+    start = min(range(len(pool) - k + 1), key=lambda i: (sum(load.get(c, 0) for c in pool[i:i + k]), i))
+    return tuple(pool[start:start + k])
+
+
+def bind_spec(cpus: Sequence[int], tp: int = 1) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` for `cpus`: one list per tensor-parallel rank, ``|``-separated."""
+    n, extra = divmod(len(cpus), tp)
+    parts, at = [], 0
+    for rank in range(tp):
+        size = n + (1 if rank < extra else 0)
+        parts.append(format_cpu_list(cpus[at:at + size]))
+        at += size
+    return "|".join(parts)
 
 
 def _place(
@@ -417,6 +472,7 @@ def _place(
     running: Mapping[str, Placement],
     facts: Callable[[Model], ModelFacts],
     kv_flag: bool,
+    cpu_share: int | None = None,
 ) -> Plan:
     result = Plan(snap.mode, devices=snap.fresh_rows(), note=snap.note)
     rows = {r.index: r for r in result.devices}
@@ -454,8 +510,10 @@ def _place(
             need = cpu_need(m, facts(m))
             return need.total if need is not None else 0
 
+        cores = _Cores(snap.cores, running.values(),
+                       len(todo) + len(running) if cpu_share is None else cpu_share)
         for m in sorted(todo, key=lambda m: (-size(m), m.name)):
-            _place_cpu(m, facts(m), rows[None], result)
+            _place_cpu(m, facts(m), rows[None], result, cores)
     else:
         largest = max((r.total for r in result.devices), default=0)
 
@@ -666,7 +724,32 @@ def _place_gpu(m: Model, f: ModelFacts, rows: dict[int | None, DeviceRow], resul
     result.placements[m.name] = p
 
 
-def _place_cpu(m: Model, f: ModelFacts, row: DeviceRow, result: Plan) -> None:
+class _Cores:
+    """The host's cores as the plan hands them out (see `pick_cores`)."""
+
+    def __init__(self, cores: Sequence[int], running: Iterable[Placement], share: int) -> None:
+        self.cores = tuple(cores)
+        self.share = share
+        self.load: dict[int, int] = {}
+        for p in running:
+            self._take(p.cpus)
+
+    def _take(self, cpus: Iterable[int]) -> None:
+        for c in cpus:
+            self.load[c] = self.load.get(c, 0) + 1
+
+    def bind(self, m: Model) -> tuple[tuple[int, ...], dict[str, str]]:
+        """(cores, env) for `m`: none when vLLM is to bind its threads itself."""
+        if not self.cores or self.share < 1 or CPU_BIND_ENV in m.env:
+            return (), {}
+        cpus = pick_cores(self.cores, self.load, self.share, m.tensor_parallel)
+        if not cpus:
+            return (), {}
+        self._take(cpus)
+        return cpus, {CPU_BIND_ENV: bind_spec(cpus, m.tensor_parallel)}
+
+
+def _place_cpu(m: Model, f: ModelFacts, row: DeviceRow, result: Plan, cores: _Cores) -> None:
     need = cpu_need(m, f)
     if m.memory_gb is not None:
         budget = int(m.memory_gb * GiB)
@@ -697,15 +780,17 @@ def _place_cpu(m: Model, f: ModelFacts, row: DeviceRow, result: Plan) -> None:
         kv_gib = 1
         check = "weights unknown: minimum not checked, KV cache set to 1 GiB; plan again once downloaded"
     args = ["--tensor-parallel-size", str(m.tensor_parallel)] if m.tensor_parallel > 1 else []
+    cpus, bind = cores.bind(m)
     p = Placement(
         model=m.name,
         device="cpu",
         gpus=[],
         budget_bytes=budget,
-        env={"VLLM_CPU_KVCACHE_SPACE": str(kv_gib)},
+        env={"VLLM_CPU_KVCACHE_SPACE": str(kv_gib), **bind},
         vllm_args=args,
-        reason=f"{why}; {check}; KV cache {kv_gib} GiB",
+        reason=f"{why}; {check}; KV cache {kv_gib} GiB" + (f"; cores {format_cpu_list(cpus)}" if cpus else ""),
         need_bytes=None if need is None else need.total,
+        cpus=cpus,
     )
     row.budgeted += budget
     row.models.append(m.name)

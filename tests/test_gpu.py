@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pynvml
 import pytest
@@ -18,6 +19,9 @@ from router.gpu import (
     Inventory,
     NvmlInventory,
     detect,
+    format_cpu_list,
+    host_cores,
+    parse_cpu_list,
     process_tree,
     process_tree_rss,
     process_tree_vram,
@@ -249,3 +253,22 @@ def test_process_tree_vram_counts_children() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_host_cores_one_thread_per_physical_core(tmp_path: Path) -> None:
+    """8 logical CPUs, hyper-threads numbered i and i + 4 (as Linux numbers them on x86)."""
+    for cpu in range(8):
+        topo = tmp_path / f"cpu{cpu}" / "topology"
+        topo.mkdir(parents=True)
+        topo.joinpath("thread_siblings_list").write_text(f"{cpu % 4},{cpu % 4 + 4}\n")
+    assert host_cores(range(8), sysfs=tmp_path) == (0, 1, 2, 3)
+    assert host_cores({5, 6, 7}, sysfs=tmp_path) == (5, 6, 7)  # a cpuset with one thread of each core
+    assert host_cores({2, 9}, sysfs=tmp_path) == (2, 9)  # no topology for 9: a core of its own
+    live = host_cores()  # this host: at least one core, only CPUs this process may use
+    assert live and set(live) <= os.sched_getaffinity(0) and HostMemory.read().cores == live
+
+
+def test_cpu_list_format_round_trip() -> None:
+    assert parse_cpu_list("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11]
+    assert format_cpu_list([11, 0, 1, 2, 3, 8, 10]) == "0-3,8,10-11"
+    assert format_cpu_list([]) == ""

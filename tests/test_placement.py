@@ -17,9 +17,12 @@ from router.placement import (
     ModelFacts,
     Placement,
     Plan,
+    bind_spec,
+    cpu_models,
     evictable,
     format_plan,
     gib,
+    pick_cores,
     plan,
     supports_kv_cache_memory_bytes,
     usage,
@@ -516,6 +519,76 @@ def test_cpu_and_gpu_use_the_same_entry_point_and_order() -> None:
     p = plan(ms, host)
     assert list(p.refused) == ["z:latest"]  # equal sizes: placed by name, so "z" comes last
     assert list(p.placements) == ["y:latest", "x:latest"]  # models.yaml order kept in the output
+
+
+def test_cpu_models_get_cores_of_their_own() -> None:
+    """vLLM alone would bind both models' threads to the same 15 cores: two spinning threads a core."""
+    host = HostMemory(total=64 * GiB, available=60 * GiB, cores=tuple(range(16)))
+    p = plan(models({"name": "a", "memory_gb": 8}, {"name": "b", "memory_gb": 4}), host)
+    a, b = p.placements["a:latest"], p.placements["b:latest"]
+    assert a.cpus == tuple(range(7)) and a.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-6"
+    assert b.cpus == tuple(range(7, 14)) and b.env["VLLM_CPU_OMP_THREADS_BIND"] == "7-13"
+    assert "cores 0-6" in a.reason
+    assert 15 not in a.cpus + b.cpus  # left to the API servers, engine loops and the router
+
+
+def test_an_on_demand_model_started_later_finds_cores_of_its_own() -> None:
+    host = HostMemory(total=64 * GiB, available=60 * GiB, cores=tuple(range(16)))
+    ms = models({"name": "a", "memory_gb": 4}, {"name": "b", "memory_gb": 4},
+                {"name": "lazy", "memory_gb": 4, "load": "on_demand"})
+    boot = plan(ms[:2], host, cpu_models=3)  # the registry's three share the cores from the start
+    later = plan(ms[2:], host, running=boot.placements, cpu_models=3)
+    taken = [set(boot.placements[n].cpus) for n in ("a:latest", "b:latest")] + [set(later.placements["lazy:latest"].cpus)]
+    assert [len(t) for t in taken] == [5, 5, 5]
+    assert not (taken[0] & taken[1]) and not (taken[2] & (taken[0] | taken[1]))
+    again = plan(ms, host, running=boot.placements, cpu_models=3)
+    assert again.placements["a:latest"].kept and again.placements["a:latest"].cpus == boot.placements["a:latest"].cpus
+
+
+def test_cores_on_a_small_box() -> None:
+    two = HostMemory(total=24 * GiB, available=20 * GiB, cores=(0, 1))
+    alone = plan(models({"name": "a", "memory_gb": 3}), two).placements["a:latest"]
+    assert alone.cpus == (0,)  # what vLLM's own binding does: core 1 for everything else
+    p = plan(models({"name": "a", "memory_gb": 3}, {"name": "b", "memory_gb": 3}), two)
+    assert [p.placements[n].cpus for n in ("a:latest", "b:latest")] == [(0,), (1,)]
+    # More models than cores: they share, evenly.
+    ms = models(*({"name": n, "memory_gb": 3} for n in "abc"))
+    assert sorted(pl.cpus for pl in plan(ms, two).placements.values()) == [(0,), (0,), (1,)]
+
+
+def test_cores_per_tensor_parallel_rank() -> None:
+    host = HostMemory(total=64 * GiB, available=60 * GiB, cores=tuple(range(8)))
+    a = plan(models({"name": "a", "memory_gb": 8, "tensor_parallel": 2}), host).placements["a:latest"]
+    assert a.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-3|4-6"
+    one_core = HostMemory(total=64 * GiB, available=60 * GiB, cores=(0,))
+    a = plan(models({"name": "a", "memory_gb": 8, "tensor_parallel": 2}), one_core).placements["a:latest"]
+    assert a.cpus == () and "VLLM_CPU_OMP_THREADS_BIND" not in a.env  # fewer cores than ranks: vLLM's call
+
+
+def test_an_operators_binding_is_kept() -> None:
+    host = HostMemory(total=64 * GiB, available=60 * GiB, cores=tuple(range(8)))
+    ms = models({"name": "a", "memory_gb": 4, "env": {"VLLM_CPU_OMP_THREADS_BIND": "2-3"}}, {"name": "b", "memory_gb": 4})
+    p = plan(ms, host)
+    assert p.placements["a:latest"].cpus == () and "VLLM_CPU_OMP_THREADS_BIND" not in p.placements["a:latest"].env
+    assert p.placements["b:latest"].cpus  # the others are still bound
+    cfg = parse({"engine": {"env": {"VLLM_CPU_OMP_THREADS_BIND": "nobind"}},
+                 "models": [{"name": "a", "source": "org/a"}, {"name": "r", "source": "org/r", "url": "http://h:1"}]})
+    assert cpu_models(cfg) == 0  # engine.env binds every model: the planner stays out
+    assert cpu_models(parse({"models": [{"name": "a", "source": "org/a"},
+                                        {"name": "r", "source": "org/r", "url": "http://h:1"}]})) == 1
+    p = plan(ms[1:], host, cpu_models=0)
+    assert p.placements["b:latest"].cpus == () and "VLLM_CPU_OMP_THREADS_BIND" not in p.placements["b:latest"].env
+    unknown = HostMemory(total=64 * GiB, available=60 * GiB)  # no core list: vLLM binds as it likes
+    assert plan(ms[1:], unknown).placements["b:latest"].cpus == ()
+
+
+def test_pick_cores_takes_the_least_loaded_contiguous_run() -> None:
+    cores = tuple(range(9))
+    assert pick_cores(cores, {}, share=2) == (0, 1, 2, 3)
+    assert pick_cores(cores, {0: 1, 1: 1, 2: 1, 3: 1}, share=2) == (4, 5, 6, 7)
+    assert pick_cores(cores, {c: 1 for c in range(8)}, share=2) == (0, 1, 2, 3)  # all busy: share the first
+    assert pick_cores((0, 2, 4, 6), {}, share=1) == (0, 2, 4)  # ids as given (one per physical core)
+    assert bind_spec((0, 1, 2, 5, 6), tp=2) == "0-2|5-6"
 
 
 # --- measuring while running -------------------------------------------------------------------

