@@ -14,6 +14,10 @@
         next to the fake directly and LiteLLM's proxy: added latency and TTFT, streamed
         chunks/s relayed on one core at 1-500 concurrent streams, RSS with 500 streams.
 
+    python -m load_tests.bench cores
+        Two models on CPU vLLM generating at once: each on cores of its own (the
+        planner's binding) against vLLM's own binding (both on the same cores).
+
 Each prints tables and writes JSON plus a PNG plot under --out (load_tests/results/).
 """
 
@@ -536,6 +540,59 @@ def _tiny_model() -> Path:
     return write_tiny_model(models / "tiny", seed=0)
 
 
+# --- cores: two CPU models busy at once, the planner's binding against vLLM's own --------------
+
+
+async def pair_load(url: str, names: Sequence[str], conc: int, requests: int, max_tokens: int) -> tuple[float, int]:
+    """Load every model of `names` at once through one router; (output tokens/s of all, errors)."""
+    t0 = time.perf_counter()
+    batches = await asyncio.gather(*(
+        run_batch(Target(n, url, "openai", "completions", n, extra={"ignore_eos": True}), conc,
+                  requests=requests, max_tokens=max_tokens, stream=True) for n in names))
+    wall = time.perf_counter() - t0
+    tokens = sum(r.output_tokens for b in batches for r in b.results if r.ok)
+    return tokens / wall, sum(1 for b in batches for r in b.results if not r.ok)
+
+
+def cmd_cores(a: argparse.Namespace) -> int:
+    """Two models on the CPU, both generating: each on cores of its own (the planner's binding)
+    against vLLM's own binding, which puts every server's threads on the same cores."""
+    model_dir = Path(a.model_dir) if a.model_dir else _tiny_model()
+    variants = {"planner": {}, "vLLM's own": {"VLLM_CPU_OMP_THREADS_BIND": "auto"}}
+    names = ["a", "b"]
+    with harness.Stack() as stack:
+        servers: dict[str, tuple[harness.Proc, str]] = {}
+        for label, env in variants.items():
+            print(f"starting vLLama with two models ({label} binding) ...", flush=True)
+            models = [{"name": n, "source": str(model_dir), "max_model_len": 1024, "env": env} for n in names]
+            servers[label] = harness.router(stack, models, ready_models=names)
+        got: dict[str, list[float]] = {label: [] for label in variants}
+
+        async def go() -> None:
+            for label, (_, url) in servers.items():
+                await pair_load(url, names, 2, 4, 8)  # warm
+            for rep in range(a.repeats):
+                order = list(servers) if rep % 2 == 0 else list(reversed(servers))
+                for label in order:
+                    await quiesce({p for p, _ in servers.values()})
+                    tok_s, errors = await pair_load(servers[label][1], names, a.concurrency,
+                                                    a.requests, a.max_tokens)
+                    if errors:
+                        raise RuntimeError(f"{label}: {errors} requests failed")
+                    got[label].append(tok_s)
+                    print(f"  repeat {rep + 1} {label:12s} {tok_s:8.1f} tok/s (both models)", flush=True)
+
+        asyncio.run(go())
+    mine, theirs = got["planner"], got["vLLM's own"]
+    ratio = {"paired_median": _paired_median(mine, theirs), "range": _spread(mine, theirs)}
+    print_table("two CPU models generating at once (output tok/s of both)",
+                ["binding", "median tok/s", "per repeat"],
+                [[label, round(statistics.median(v), 1), ", ".join(f"{x:.0f}" for x in v)] for label, v in got.items()])
+    print(f"planner ÷ vLLM's own: median {ratio['paired_median']}, range {ratio['range']}")
+    write_results(Path(a.out), "cores", a, {"tok_s": got, "planner_vs_vllm": ratio}, None)
+    return 0
+
+
 # --- overhead: the router alone, in front of a fake vLLM ------------------------------------------
 
 
@@ -767,6 +824,15 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--paced-seconds", type=float, default=6.0, help="length of each paced stream")
     common(o, "1,10,100,500", 16)
     o.set_defaults(func=cmd_overhead)
+
+    c = sub.add_parser("cores", help="two CPU models busy at once: the planner's cores vs vLLM's own binding")
+    c.add_argument("--model-dir", help="model directory (default: models/tiny, written if missing)")
+    c.add_argument("--repeats", type=int, default=4, help="interleaved repeats (A B, B A, ...)")
+    c.add_argument("--concurrency", type=int, default=10, help="concurrent requests per model")
+    c.add_argument("--requests", type=int, default=40, help="requests per model and repeat")
+    c.add_argument("--max-tokens", type=int, default=64, help="tokens per request (EOS ignored)")
+    c.add_argument("--out", default=str(RESULTS), help="directory for the JSON")
+    c.set_defaults(func=cmd_cores)
 
     a = ap.parse_args(argv)
     return int(a.func(a) or 0)
