@@ -543,15 +543,15 @@ def _tiny_model() -> Path:
 # --- cores: two CPU models busy at once, the planner's binding against vLLM's own --------------
 
 
-async def pair_load(url: str, names: Sequence[str], conc: int, requests: int, max_tokens: int) -> tuple[float, int]:
-    """Load every model of `names` at once through one router; (output tokens/s of all, errors)."""
+async def pair_load(url: str, names: Sequence[str], conc: int, requests: int, max_tokens: int) -> tuple[int, float, int]:
+    """Load every model of `names` at once through one router: (output tokens of all, wall seconds, errors)."""
     t0 = time.perf_counter()
     batches = await asyncio.gather(*(
         run_batch(Target(n, url, "openai", "completions", n, extra={"ignore_eos": True}), conc,
                   requests=requests, max_tokens=max_tokens, stream=True) for n in names))
     wall = time.perf_counter() - t0
     tokens = sum(r.output_tokens for b in batches for r in b.results if r.ok)
-    return tokens / wall, sum(1 for b in batches for r in b.results if not r.ok)
+    return tokens, wall, sum(1 for b in batches for r in b.results if not r.ok)
 
 
 def cmd_cores(a: argparse.Namespace) -> int:
@@ -575,10 +575,11 @@ def cmd_cores(a: argparse.Namespace) -> int:
                 order = list(servers) if rep % 2 == 0 else list(reversed(servers))
                 for label in order:
                     await quiesce({p for p, _ in servers.values()})
-                    tok_s, errors = await pair_load(servers[label][1], names, a.concurrency,
-                                                    a.requests, a.max_tokens)
+                    tokens, wall, errors = await pair_load(servers[label][1], names, a.concurrency,
+                                                           a.requests, a.max_tokens)
                     if errors:
                         raise RuntimeError(f"{label}: {errors} requests failed")
+                    tok_s = tokens / wall
                     got[label].append(tok_s)
                     print(f"  repeat {rep + 1} {label:12s} {tok_s:8.1f} tok/s (both models)", flush=True)
 
