@@ -81,11 +81,15 @@ def test_a_new_serve_stops_what_a_killed_one_left_behind(tmp_path: Path, tiny_mo
 def _kill_router_and_restart(tmp_path: Path, tiny_model: Path, first: Server) -> None:
     old = vllm_pids(first)
     assert old
-    # The worst case: router and supervisord both die at once (OOM killer, kill -9 of the group).
+    # The worst case: router and supervisord both die at once (OOM killer, kill -9 of both).
+    # Neither may see the other go first: a SIGKILLed router hands supervisord a SIGTERM
+    # (PDEATHSIG), which stops the models in order; a router that saw supervisord die first
+    # stops them itself. So the router is frozen while supervisord dies, then killed.
     sup = [p for p in state_processes(first.state_dir) if "supervisord" in " ".join(p.cmdline())]
+    assert len(sup) == 1
+    psutil.Process(first.proc.pid).suspend()
+    sup[0].kill()
     first.proc.kill()
-    for p in sup:
-        p.kill()
     first.proc.wait()
     time.sleep(1)
     assert old & {p.pid for p in state_processes(first.state_dir)}, "the vLLM processes should outlive them"
