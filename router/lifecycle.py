@@ -1,4 +1,4 @@
-"""Each model's life: stopped → starting → ready ⇄ unhealthy, restarting, failed.
+"""Each model's life: stopped → starting → ready ⇄ unhealthy, restarting, failed; ready → stopping → stopped.
 
 supervisord says whether a model's process lives; vLLM's ``/health`` says
 whether it serves. `Fleet` joins the two into one state per model, starts
@@ -53,6 +53,8 @@ class State(StrEnum):
     FAILED = "failed"
     MISSING = "missing"
     """A Hub model not in the cache, with auto_pull off: `vllama pull` it."""
+    STOPPING = "stopping"
+    """supervisord is stopping it: requests wait and start it again once it is down."""
 
 
 class ModelNotFound(Exception):
@@ -77,6 +79,12 @@ class Runtime:
     model: Model
     port: int | None
     base_url: str
+    launch: Config
+    """The registry it was launched from: its program is rendered from it, so a reload's new
+    engine settings reach only the servers started for them, never a running one."""
+    program: str = ""
+    """Its supervisord program: model and port, so that a changed model's new server can
+    start beside the old one (rolling restart); `Fleet._runtime_for` makes it unique."""
     state: State = State.STOPPED
     reason: str = "not started"
     since: float = field(default_factory=time.time)
@@ -108,11 +116,8 @@ class Runtime:
     def remote(self) -> bool:
         return self.model.url is not None
 
-    @property
-    def program(self) -> str:
-        """supervisord program of this instance: model and port, so that a changed model's
-        new server can start beside the old one (rolling restart)."""
-        return f"{self.model.program}-{self.port}"
+    def __post_init__(self) -> None:
+        self.program = self.program or f"{self.model.program}-{self.port}"
 
     @property
     def always(self) -> bool:
@@ -265,6 +270,9 @@ class Fleet:
         and new ones starting beside the server they will replace."""
         self.reload_error: str | None = None
         """Why the last reload was rejected (shown by `vllama ps`), None if it applied."""
+        self._generation: dict[str, int] = {}
+        """Bumped for a model by each reload that changes or removes it: a replacement that an
+        earlier reload began checks it before it swaps servers, so the latest registry wins."""
         self._reload_lock = asyncio.Lock()
         self._start_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -282,12 +290,19 @@ class Fleet:
 
     def _runtime_for(self, model: Model) -> Runtime:
         if model.url:
-            return Runtime(model=model, port=None, base_url=model.url.rstrip("/"), wanted=True,
-                           reason="remote server")
+            return Runtime(model=model, port=None, base_url=model.url.rstrip("/"), launch=self.config,
+                           wanted=True, reason="remote server")
         taken = {m.port for m in self.config.models if m.port} | {self.config.server.port}
         taken |= {rt.port for rt in self._all() if rt.port}
         port = model.port or free_port(self.config.engine.base_port, taken)
-        rt = Runtime(model=model, port=port, base_url=f"http://127.0.0.1:{port}")
+        rt = Runtime(model=model, port=port, base_url=f"http://127.0.0.1:{port}", launch=self.config)
+        # A model with a fixed port keeps it across a reload: its old server, still draining,
+        # has that program name, and each server needs a program (and log) of its own.
+        programs = {r.program for r in self._all()}
+        n = 2
+        while rt.program in programs:
+            rt.program = f"{model.program}-{port}-{n}"
+            n += 1
         rt.keep_alive = parse_duration(model.keep_alive)
         return rt
 
@@ -298,11 +313,16 @@ class Fleet:
                 continue
             p = self.placements.get(rt.program)
             args, env = (list(p.vllm_args), dict(p.env)) if p else ([], {})
-            out.append(engine.program(self.config, rt.model, rt.port, name=rt.program, extra_args=args, extra_env=env))
+            out.append(engine.program(rt.launch, rt.model, rt.port, name=rt.program, extra_args=args, extra_env=env))
         return out
 
     async def start(self) -> None:
         """Register every model with supervisord, start the `always` ones in order, watch them."""
+        async with self._reload_lock:  # a registry saved during boot is applied after it
+            await self._boot()
+        self._monitor = asyncio.create_task(self._watch(), name="vllama-monitor")
+
+    async def _boot(self) -> None:
         for m in self.config.models:
             self.runtimes[m.name] = self._runtime_for(m)
         # Place the `always` models together (best fit over all of them); one still to be
@@ -319,7 +339,6 @@ class Fleet:
         for rt in self.runtimes.values():
             if rt.always and not rt.remote and rt.state != State.FAILED:
                 await self.start_model(rt)
-        self._monitor = asyncio.create_task(self._watch(), name="vllama-monitor")
 
     async def close(self) -> None:
         self._closing = True
@@ -406,6 +425,8 @@ class Fleet:
             await self._set(rt, State.READY if ok else State.UNHEALTHY,
                             "remote server answers /health" if ok else "remote server does not answer /health")
             return
+        if rt.state == State.STOPPING:
+            return  # `stop_model` owns it until supervisord has stopped it
         sstate = info["statename"] if info else "STOPPED"
         pid = info.get("pid") or None if info else None
         if rt.pid is not None and pid != rt.pid:
@@ -528,32 +549,41 @@ class Fleet:
     # --- starting and stopping -----------------------------------------------------------
 
     async def _start_and_wait(self, rt: Runtime, timeout: float) -> None:
-        """Start `rt` and hold the start lock until it is ready or failed."""
+        """Start `rt` and hold the start lock until it is ready or failed.
+
+        The lock is held for as long as vLLM takes to start: two vLLMs must not profile
+        one device at once. One that is not ready within `timeout` is stopped (failed),
+        so that a server that hangs while starting cannot hold up every other model.
+        """
+        try:
+            await self._start_in_turn(rt, timeout)
+        finally:
+            rt.queued = False  # however it ended, a later request or `vllama start` may try again
+
+    async def _start_in_turn(self, rt: Runtime, timeout: float) -> None:
         if self.sup is None or rt.remote:
             return
         deadline = time.monotonic() + timeout
         if not await self._ensure_files(rt):
-            rt.queued = False
             return
+        await self._port_released(rt)
         while True:
             async with self._start_lock:
                 if not rt.wanted or rt.state == State.READY:
                     return
                 problem = self._cannot_start(rt)
                 if problem:
-                    rt.queued = False
                     await self._set(rt, State.FAILED, problem)
                     return
                 no_room = await self._place(rt)
                 if no_room is None:
                     break
                 if placement.is_lasting(no_room):
-                    rt.queued = False
                     await self._set(rt, State.FAILED, f"does not fit: {no_room}")
                     return
             # Wait (bounded) for memory: a model may go idle and become evictable.
             if time.monotonic() > deadline:
-                rt.queued, rt.wanted = False, False
+                rt.wanted = False
                 await self._set(rt, State.STOPPED, f"not enough memory: {no_room}")
                 return
             await self._set(rt, State.STARTING, f"waiting for memory: {no_room}")
@@ -561,8 +591,9 @@ class Fleet:
         async with self._start_lock:
             if not rt.wanted or rt.state == State.READY:
                 return
-            if self.sup is not None:
-                await self.sup.apply(self.programs())  # its program now carries its budget
+            await self.sup.apply(self.programs())  # its program now carries its budget
+            if not rt.wanted:
+                return  # stopped by an admin while supervisord took the update
             if rt.queued or rt.state in (State.STOPPED, State.FAILED, State.MISSING):
                 rt.queued = False
                 if self.metrics is not None:
@@ -570,7 +601,18 @@ class Fleet:
                 rt.start_requested = time.monotonic()
                 await self._set(rt, State.STARTING, "starting")
                 await self.sup.start(rt.program)
-            await self._wait_state(rt, timeout)
+            try:
+                await self._wait_state(rt, timeout)
+            except ModelUnavailable:
+                reason = self.failure_reason(rt, f"not ready after {timeout:.0f}s (server.cold_start_timeout); stopped")
+                await self.stop_model(rt, "cold_start_timeout")
+                await self._set(rt, State.FAILED, reason)
+                raise
+
+    async def _port_released(self, rt: Runtime) -> None:
+        """A model with a fixed port starts once the server it replaces has let go of the port."""
+        while rt.model.port is not None and any(r is not rt and r.port == rt.port for r in self.retiring):
+            await asyncio.sleep(0.2)
 
     async def _ensure_files(self, rt: Runtime) -> bool:
         """Make sure a Hub model is in the cache: download it (auto_pull) or mark it missing.
@@ -712,7 +754,9 @@ class Fleet:
             return
         rt.wanted = False
         rt.held = hold
-        log.info("%s: stopping (%s)", rt.name, reason)
+        # Not ready from here on: a request now waits for the model to start again rather
+        # than reach a server that supervisord is stopping.
+        await self._set(rt, State.STOPPING, reason)
         if self.metrics is not None:
             self.metrics.action("stop", "admin" if hold else reason.split(" ")[0])
         await self.sup.stop(rt.program)
@@ -722,6 +766,13 @@ class Fleet:
         if not rt.always:
             self.placements.pop(rt.program, None)  # its memory is free for others
         await self._set(rt, State.STOPPED, reason)
+        if rt.wanted and self.runtimes.get(rt.name) is rt:
+            await self.start_model(rt)  # a request came while it stopped
+
+    async def _stop_idle(self, rt: Runtime, reason: str) -> None:
+        """Stop an idle model (keep_alive), unless a request came since it was found idle."""
+        if rt.state == State.READY and rt.inflight == 0 and rt.waiting == 0:
+            await self.stop_model(rt, reason)
 
     async def restart_model(self, rt: Runtime) -> None:
         await self.stop_model(rt, "restart requested")
@@ -750,10 +801,13 @@ class Fleet:
             plan = await asyncio.to_thread(self._plan_with, new, place, keep)
             if plan.problems:
                 raise ReloadRejected(plan.problems)
-            old_config, self.config = self.config, new
+            self.config = new
+            for name in d["changed"] + d["removed"]:
+                self._generation[name] = self._generation.get(name, 0) + 1
             for name in d["updated"]:
                 rt = self.runtimes[name]
                 rt.model = new.lookup(name)  # type: ignore[assignment]
+                rt.launch = new
                 rt.keep_alive = parse_duration(rt.model.keep_alive)
                 if rt.always and rt.state == State.STOPPED and not rt.held:
                     await self.start_model(rt)  # on_demand → always
@@ -764,7 +818,7 @@ class Fleet:
                 if rt.always and not rt.remote:
                     await self.start_model(rt)
             for name in d["changed"]:
-                self._spawn(self._replace(self.runtimes[name], new.lookup(name), old_config))  # type: ignore[arg-type]
+                self._spawn(self._replace(self.runtimes[name], new.lookup(name), self._generation[name]))  # type: ignore[arg-type]
             if self.sup is not None:
                 await self.sup.apply(self.programs())
             self.reload_error = None
@@ -819,14 +873,23 @@ class Fleet:
             if self.sup is not None:
                 await self.sup.apply(self.programs())
 
-    async def _replace(self, old: Runtime, model: Model, old_config: Config) -> None:
-        """Restart a changed model: rolling when it was serving and a second server fits."""
+    async def _replace(self, old: Runtime, model: Model, generation: int) -> None:
+        """Restart a changed model: rolling when it was serving and a second server fits.
+
+        A later reload that changes or removes the model again supersedes this one
+        (`_generation`): a server started for a superseded registry is stopped, never swapped in.
+        """
+        def current() -> bool:
+            return self._generation.get(model.name) == generation
+
+        if not current():
+            return
         new = self._runtime_for(model)
         serving = old.state in (State.READY, State.UNHEALTHY, State.STARTING) and not old.remote
         rolling = serving and model.port is None and old.always
         if rolling:
             plan = await asyncio.to_thread(self._plan, [model], dict(self.placements))
-            rolling = plan.fits(model.name)
+            rolling = plan.fits(model.name) and current()
             if rolling:
                 self.placements[new.program] = plan.placements[model.name]
         if rolling:
@@ -839,18 +902,23 @@ class Fleet:
                 pass
             finally:
                 self.retiring.remove(new)
-            if new.state == State.READY:
+            if new.state == State.READY and current():
                 self.runtimes[model.name] = new
                 await self._retire(old, "replaced by its new configuration")
                 return
-            log.warning("%s: new configuration did not start (%s); keeping the old server", model.name, new.reason)
-            await self.stop_model(new, "replacement failed")
+            if current():
+                log.warning("%s: new configuration did not start (%s); keeping the old server", model.name, new.reason)
+            await self.stop_model(new, "replacement failed" if current() else "superseded by a later reload")
             self.placements.pop(new.program, None)
+            if self.sup is not None:
+                await self.sup.apply(self.programs())
+            return
+        if not current():
             return
         # Drain then swap: new requests wait for the new server.
         self.runtimes[model.name] = new
         await self._retire(old, "restarting with its new configuration")
-        if new.always or serving:
+        if current() and (new.always or serving):
             await self.start_model(new)
 
     # --- requests --------------------------------------------------------------------
@@ -911,7 +979,7 @@ class Fleet:
             rt.keep_alive = lease.keep_alive
         rt.expires_at = None if rt.always or rt.keep_alive == FOREVER else time.time() + rt.keep_alive
         if rt.inflight == 0 and not rt.always and rt.keep_alive == 0:
-            self._spawn(self.stop_model(rt, "keep_alive 0"))
+            self._spawn(self._stop_idle(rt, "keep_alive 0"))
 
     def _expire_idle(self) -> None:
         now = time.time()
@@ -919,4 +987,4 @@ class Fleet:
             if (not rt.always and not rt.remote and rt.state == State.READY and rt.inflight == 0
                     and rt.expires_at is not None and rt.expires_at <= now):
                 rt.expires_at = None
-                self._spawn(self.stop_model(rt, f"idle for keep_alive ({rt.keep_alive:g}s)"))
+                self._spawn(self._stop_idle(rt, f"idle for keep_alive ({rt.keep_alive:g}s)"))

@@ -46,9 +46,10 @@ __all__ = ["CONTENT_TYPE_LATEST", "Metrics", "Tracker", "metrics_route", "reexpo
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-STATES = ("stopped", "starting", "ready", "unhealthy", "restarting", "failed")
+STATES = ("stopped", "starting", "ready", "unhealthy", "restarting", "stopping", "failed", "missing")
+"""Every `lifecycle.State`, one gauge each (tests/test_metrics.py checks they match)."""
 #: vLLM scrapes skip models in these states (nothing listens).
-_NOT_SERVING = {"stopped", "failed"}
+_NOT_SERVING = {"stopped", "failed", "missing"}
 
 
 class _Series:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import signal
 from dataclasses import dataclass
@@ -26,11 +27,11 @@ from .admin import admin_router, library_routes
 from .app import create_app
 from .auth import AuthError, KeyStore, warn_if_exposed
 from .catalog import Catalog
-from .config import Config
+from .config import Config, resolve_state_dir
 from .lifecycle import Fleet
 from .metrics import Metrics, metrics_route
 from .service import OllamaService
-from .supervisor import Paths, Supervisor
+from .supervisor import Paths, Supervisor, SupervisorError
 from .upstream import Timeouts, Upstream
 
 log = logging.getLogger("vllama.serve")
@@ -59,24 +60,29 @@ async def watch_registry(fleet: Fleet) -> None:
     # pieces (or truncated, then written) is read once, whole; load_settled checks again.
     async for _ in awatch(path.parent, debounce=500, step=200, recursive=False, watch_filter=ours):
         log.info("%s changed; reloading", path)
-        await fleet.reload_file()
+        try:
+            await fleet.reload_file()
+        except Exception:  # a reload that went wrong must not end the watching
+            log.exception("reload of %s failed", path)
 
 
 def state_dir_for(config: Config, override: Path | None) -> Path:
     if override:
         return override.resolve()
     if config.server.state_dir:
-        return (config.base_dir / Path(config.server.state_dir).expanduser()).resolve()
+        return resolve_state_dir(config.server.state_dir, config.base_dir)
     return supervisor.default_state_dir()
 
 
 async def run(config: Config, opts: Options) -> int:
     keys = KeyStore.from_config(config.server.auth, config.base_dir)  # AuthError before anything starts
     paths = Paths(state_dir_for(config, opts.state_dir))
+    lock: int | None = None
     if opts.attach:
         sup = Supervisor.attach(paths)
     else:
         paths.create()
+        lock = supervisor.claim(paths)  # before kill_stale: those must be a dead run's processes, not a live one's
         killed = supervisor.kill_stale(paths.root)
         if killed:
             log.warning("stopped %d processes left by an earlier run in %s: %s", len(killed), paths.root, killed)
@@ -109,7 +115,7 @@ async def run(config: Config, opts: Options) -> int:
         lifespan="off",
         access_log=False,
         log_level=opts.log_level,
-        timeout_graceful_shutdown=int(s.shutdown_grace),
+        timeout_graceful_shutdown=math.ceil(s.shutdown_grace),
         timeout_keep_alive=30,
     )
     server = uvicorn.Server(uv)
@@ -140,6 +146,8 @@ async def run(config: Config, opts: Options) -> int:
                 leftovers = supervisor.kill_stale(paths.root)
                 if leftovers:
                     log.warning("stopped %d leftover processes: %s", len(leftovers), leftovers)
+            if lock is not None:
+                os.close(lock)
             await upstream.aclose()
     return 0
 
@@ -155,6 +163,6 @@ def main(config: Config, opts: Options) -> int:
         # uvicorn's loop="uvloop" could apply (about 10% less CPU per request, measured).
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(run(config, opts))
-    except AuthError as e:
+    except (AuthError, SupervisorError) as e:
         log.error("%s", e)
         return 2

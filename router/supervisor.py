@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import fcntl
 import http.client
 import logging
 import os
@@ -33,6 +34,8 @@ from typing import Any
 
 import psutil
 from supervisor.xmlrpc import SupervisorTransport
+
+from .carry import SOCKET_NAME, arg_problem, env_value_problem, is_env_name, state_dir_problem
 
 log = logging.getLogger("vllama.supervisor")
 
@@ -60,11 +63,15 @@ class Paths:
 
     @property
     def socket(self) -> Path:
-        return self.root / "supervisor.sock"
+        return self.root / SOCKET_NAME
 
     @property
     def pidfile(self) -> Path:
         return self.root / "supervisord.pid"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "vllama.lock"
 
     @property
     def programs(self) -> Path:
@@ -81,11 +88,11 @@ class Paths:
         return self.programs / f"{program}.conf"
 
     def create(self) -> None:
+        if problem := state_dir_problem(str(self.root)):
+            raise SupervisorError(f"state dir {self.root} {problem}")
         for d in (self.root, self.programs, self.logs):
             d.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
-        if len(str(self.socket)) > 100:
-            raise SupervisorError(f"state dir path too long for a unix socket: {self.socket}")
 
 
 def default_state_dir() -> Path:
@@ -102,22 +109,26 @@ def quote_arg(arg: str) -> str:
     supervisord expands ``%(...)s`` (so ``%`` becomes ``%%``) and its config parser
     cuts a line at ``;`` or ``#`` after whitespace even inside quotes; closing and
     reopening the quote (``'a '';b'``) puts a quote character before it instead.
+    What cannot be carried at all (`carry.arg_problem`) is refused: config refuses it first.
     """
-    if "\n" in arg or "\x00" in arg:
-        raise ValueError(f"argument contains a newline or NUL: {arg!r}")
+    if problem := arg_problem(arg):
+        raise ValueError(f"argument {arg!r}: {problem}")
     q = shlex.quote(arg)
     q = re.sub(r"(\s)([;#])", r"\1''\2", q)
     return q.replace("%", "%%")
 
 
 def quote_env(env: Mapping[str, str]) -> str:
-    """``environment=`` value; supervisord splits it with a non-POSIX shlex."""
+    """``environment=`` value; supervisord splits it with a non-POSIX shlex.
+
+    Names and values it cannot carry (`carry`) are refused: config refuses them first.
+    """
     parts = []
     for k, v in env.items():
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+        if not is_env_name(k):
             raise ValueError(f"invalid environment variable name {k!r}")
-        if '"' in v or "\n" in v or re.search(r"\s[;#]", v):
-            raise ValueError(f'environment value of {k} cannot be passed by supervisord: {v!r}')
+        if problem := env_value_problem(v):
+            raise ValueError(f"environment value of {k} {problem}: {v!r}")
         parts.append(f'{k}="{v.replace("%", "%%")}"')
     return ",".join(parts)
 
@@ -406,6 +417,26 @@ def tail_file(path: Path, lines: int = 50, max_bytes: int = 256 * 1024) -> list[
         return []
     text = data.decode("utf-8", "replace").splitlines()
     return text[-lines:]
+
+
+def claim(paths: Paths) -> int:
+    """Hold the state dir for this process: the returned descriptor keeps the lock until exit.
+
+    A second `vllama serve` on the same state dir would otherwise take the first one's
+    processes for leftovers of a crash (`kill_stale`) and stop its models. The lock goes
+    with the process however it dies, so a SIGKILLed router leaves nothing to clean up by hand.
+    """
+    fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise SupervisorError(f"another vllama serve (pid {holder}) is using {paths.root}; "
+                              "stop it, or give this one its own --state-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def find_stale(state_dir: Path, *, exclude: set[int] | None = None) -> list[psutil.Process]:

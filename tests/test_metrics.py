@@ -277,3 +277,10 @@ async def test_render_without_models_is_just_the_router() -> None:
     body = await render(m)
     assert b"vllama_upstream_up" not in body
     assert b"# TYPE vllama_requests_total counter" in body
+
+
+def test_every_model_state_has_its_gauge() -> None:
+    from router.lifecycle import State
+    from router.metrics import STATES
+
+    assert sorted(STATES) == sorted(s.value for s in State)

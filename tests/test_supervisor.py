@@ -178,3 +178,22 @@ def test_supervisord_runs_in_its_own_group_of_our_session_and_dies_with_vllama(t
     finally:
         vllama.kill()
         supervisor.kill_stale(tmp_path / "run")
+
+
+def test_a_second_serve_on_the_same_state_dir_is_refused_and_stops_nothing(paths: Paths) -> None:
+    # Another vllama holds the state dir (a child process, as a second terminal's would be).
+    code = ("import pathlib, sys; from router.supervisor import Paths, claim; "
+            f"claim(Paths(pathlib.Path({str(paths.root)!r}))); print('held', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(supervisor.SupervisorError, match=rf"pid {holder.pid}\) is using"):
+            supervisor.claim(paths)
+        assert holder.poll() is None
+    finally:
+        holder.kill()
+        holder.wait()
+    # The lock dies with its holder, however it died: the next serve claims the dir.
+    fd = supervisor.claim(paths)
+    assert paths.lock.read_text().strip() == str(os.getpid())
+    os.close(fd)

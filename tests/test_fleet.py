@@ -1,0 +1,293 @@
+"""The Fleet's ordering rules under races, against a stand-in supervisord and vLLM health.
+
+The races (a reload while a model starts, a stop while requests arrive, two reloads of
+one model) take seconds to set up and are luck to hit with real processes; here the
+stand-ins decide when a process starts, stops and turns healthy. The same rules on real
+supervisord and vLLM: tests/e2e/test_reload.py, test_lifecycle.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from router.config import parse
+from router.gpu import HostMemory
+from router.lifecycle import Fleet, State
+from router.supervisor import Paths, Program
+
+GIB = 1 << 30
+
+
+class Supervisord:
+    """supervisord as the Fleet sees it: programs, processes, and calls that can be held up."""
+
+    def __init__(self, root: Path) -> None:
+        self.paths = Paths(root)
+        self.programs: dict[str, Program] = {}
+        self.applied: list[dict[str, Program]] = []
+        self.running: dict[str, int] = {}
+        self.calls: list[tuple[str, str]] = []
+        self.stop_gate = asyncio.Event()
+        self.stop_gate.set()
+        self.apply_gate = asyncio.Event()
+        self.apply_gate.set()
+        self._pids = itertools.count(1000)
+
+    async def apply(self, programs: Iterable[Program]) -> tuple[list[str], list[str], list[str]]:
+        await self.apply_gate.wait()
+        self.programs = {p.name: p for p in programs}
+        self.applied.append(dict(self.programs))
+        for name in [n for n in self.running if n not in self.programs]:
+            del self.running[name]
+        return [], [], []
+
+    async def start(self, name: str) -> None:
+        assert name in self.programs, f"start of unknown program {name}"
+        self.calls.append(("start", name))
+        self.running.setdefault(name, next(self._pids))
+
+    async def stop(self, name: str) -> None:
+        self.calls.append(("stop", name))
+        await self.stop_gate.wait()
+        self.running.pop(name, None)
+
+    async def processes(self) -> dict[str, dict[str, Any]]:
+        return {n: {"statename": "RUNNING", "pid": pid} for n, pid in self.running.items()}
+
+    def alive(self) -> bool:
+        return True
+
+    def started(self) -> list[str]:
+        return [n for what, n in self.calls if what == "start"]
+
+
+class Answer:
+    def __init__(self, status: int, body: Any = None) -> None:
+        self.status_code = status
+        self._body = body
+
+    def json(self) -> Any:
+        return self._body
+
+
+class Health:
+    """vLLM's /health and /v1/models: a server answers once its port is in `ready`."""
+
+    def __init__(self, sup: Supervisord) -> None:
+        self.sup = sup
+        self.ready: set[int] = set()
+        self.served: dict[int, str] = {}
+
+    def port(self, base_url: str) -> int:
+        return int(base_url.rsplit(":", 1)[1])
+
+    async def get(self, base_url: str, path: str, timeout: float | None = None) -> Answer:
+        port = self.port(base_url)
+        listening = any(p.argv[p.argv.index("--port") + 1] == str(port) for n, p in self.sup.programs.items()
+                        if n in self.sup.running)
+        if not (listening and port in self.ready):
+            return Answer(503)
+        if path == "/v1/models":
+            return Answer(200, {"data": [{"id": self.served.get(port)}]})
+        return Answer(200)
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    return d
+
+
+def registry(model_dir: Path, *models: dict[str, Any], engine: dict[str, Any] | None = None,
+             server: dict[str, Any] | None = None) -> Any:
+    data: dict[str, Any] = {"engine": {"device": "cpu", "base_port": 21000, **(engine or {})},
+                            "server": {"cold_start_timeout": 20, "shutdown_grace": 30, **(server or {})},
+                            "models": [{"source": str(model_dir), "memory_gb": 1, **m} for m in models]}
+    return parse(data, path=model_dir.parent / "models.yaml")
+
+
+async def fleet_of(config: Any, tmp_path: Path) -> tuple[Fleet, Supervisord, Health]:
+    sup = Supervisord(tmp_path / "run")
+    health = Health(sup)
+    fleet = Fleet(config, sup, health, inventory=lambda: HostMemory(64 * GIB, 64 * GIB, process_rss={}))  # type: ignore[arg-type]
+    await fleet.start()
+    return fleet, sup, health
+
+
+def make_ready(fleet: Fleet, health: Health, *names: str) -> None:
+    for rt in [*fleet.runtimes.values(), *fleet.retiring]:
+        if rt.name in names and rt.port is not None:
+            health.ready.add(rt.port)
+            health.served[rt.port] = rt.model.served_name
+
+
+async def until(pred: Any, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not pred():
+            await asyncio.sleep(0.02)
+
+
+async def test_an_engine_edit_leaves_the_running_servers_as_they_were_launched(tmp_path: Path, model_dir: Path) -> None:
+    fleet, sup, health = await fleet_of(registry(model_dir, {"name": "a"}), tmp_path)
+    try:
+        a = fleet.runtimes["a:latest"]
+        make_ready(fleet, health, "a:latest")
+        await until(lambda: a.state == State.READY)
+        launched = sup.programs[a.program]
+        a.inflight = 1  # a request in flight: the old server must keep serving, unchanged
+
+        await fleet.reload(registry(model_dir, {"name": "a"}, engine={"args": ["--enforce-eager"]}))
+        await until(lambda: len(fleet.retiring) == 1)  # the new server starts beside the old one
+        assert all(applied[a.program] == launched for applied in sup.applied if a.program in applied)
+        new = fleet.retiring[0]
+        await until(lambda: new.program in sup.programs)
+        assert "--enforce-eager" in sup.programs[new.program].argv
+        assert "--enforce-eager" not in sup.programs[a.program].argv
+        assert ("stop", a.program) not in sup.calls
+    finally:
+        await fleet.close()
+
+
+async def test_a_model_stopped_while_it_waited_its_turn_can_start_again(tmp_path: Path, model_dir: Path) -> None:
+    cfg = registry(model_dir, {"name": "a", "load": "on_demand"}, {"name": "b", "load": "on_demand"})
+    fleet, sup, health = await fleet_of(cfg, tmp_path)
+    try:
+        a, b = fleet.runtimes["a:latest"], fleet.runtimes["b:latest"]
+        await fleet.start_model(a)
+        await until(lambda: a.program in sup.running)  # a starts, holding the start lock
+        await fleet.start_model(b)
+        assert b.queued
+        await fleet.stop_model(b, "stopped by test")
+        make_ready(fleet, health, "a:latest")
+        await until(lambda: a.state == State.READY)
+        await until(lambda: not b.queued)
+
+        await fleet.start_model(b)  # `vllama start b` (or a request) later on
+        await until(lambda: b.program in sup.running)
+        make_ready(fleet, health, "b:latest")
+        await until(lambda: b.state == State.READY)
+    finally:
+        await fleet.close()
+
+
+async def test_an_admin_stop_during_the_supervisord_update_is_not_undone(tmp_path: Path, model_dir: Path) -> None:
+    fleet, sup, _ = await fleet_of(registry(model_dir, {"name": "b", "load": "on_demand"}), tmp_path)
+    try:
+        b = fleet.runtimes["b:latest"]
+        sup.apply_gate.clear()  # supervisord is slow to take the update that carries b's budget
+        await fleet.start_model(b)
+        await asyncio.sleep(0.3)
+        await fleet.stop_model(b, "admin", hold=True)
+        sup.apply_gate.set()
+        await asyncio.sleep(0.3)
+        assert b.program not in sup.started()
+        assert b.state == State.STOPPED and b.held
+    finally:
+        await fleet.close()
+
+
+async def test_a_request_during_a_stop_waits_and_the_model_comes_back(tmp_path: Path, model_dir: Path) -> None:
+    fleet, sup, health = await fleet_of(registry(model_dir, {"name": "a", "load": "on_demand"}), tmp_path)
+    try:
+        a = fleet.runtimes["a:latest"]
+        make_ready(fleet, health, "a:latest")
+        (await fleet.acquire("a")).release()
+        assert a.state == State.READY
+        sup.stop_gate.clear()  # supervisord takes its time to stop it (stopwaitsecs)
+        stopping = asyncio.create_task(fleet.stop_model(a, "idle for keep_alive"))
+        await until(lambda: ("stop", a.program) in sup.calls)
+        assert a.state == State.STOPPING
+        request = asyncio.create_task(fleet.acquire("a"))
+        await asyncio.sleep(0.3)
+        assert not request.done() and a.inflight == 0  # not let through to a server being stopped
+        sup.stop_gate.set()
+        await stopping
+        lease = await asyncio.wait_for(request, 10)  # started again and served
+        assert a.state == State.READY and sup.started().count(a.program) == 2
+        lease.release()
+    finally:
+        await fleet.close()
+
+
+async def test_keep_alive_0_does_not_stop_a_model_a_new_request_holds(tmp_path: Path, model_dir: Path) -> None:
+    fleet, sup, health = await fleet_of(registry(model_dir, {"name": "a", "load": "on_demand"}), tmp_path)
+    try:
+        make_ready(fleet, health, "a:latest")
+        first = await fleet.acquire("a", keep_alive=0)
+        first.release()  # its stop is spawned...
+        second = await fleet.acquire("a")  # ...and a request arrives in the same tick
+        await asyncio.sleep(0.3)
+        assert ("stop", fleet.runtimes["a:latest"].program) not in sup.calls
+        second.release()
+    finally:
+        await fleet.close()
+
+
+async def test_a_second_reload_supersedes_a_rolling_restart_in_progress(tmp_path: Path, model_dir: Path) -> None:
+    fleet, sup, health = await fleet_of(registry(model_dir, {"name": "a"}, {"name": "keep"}), tmp_path)
+    try:
+        make_ready(fleet, health, "a:latest", "keep:latest")
+        await until(lambda: all(rt.state == State.READY for rt in fleet.runtimes.values()))
+        await fleet.reload(registry(model_dir, {"name": "a", "max_model_len": 256}, {"name": "keep"}))
+        await until(lambda: any(r.program in sup.running for r in fleet.retiring))  # new a is starting
+        new = fleet.retiring[0]
+        await fleet.reload(registry(model_dir, {"name": "keep"}))  # then a is removed
+        make_ready(fleet, health, "a:latest")  # the replacement becomes ready after all
+        await until(lambda: not fleet.retiring and new.state == State.STOPPED)
+        assert "a:latest" not in fleet.runtimes
+        assert [p for p in sup.programs if p.startswith("vllm-a")] == []
+        assert [p for p in fleet.placements if p.startswith("vllm-a")] == []
+    finally:
+        await fleet.close()
+
+
+async def test_a_changed_model_with_a_fixed_port_starts_after_its_old_server_stops(tmp_path: Path,
+                                                                                 model_dir: Path) -> None:
+    cfg = registry(model_dir, {"name": "a", "port": 21900, "load": "on_demand"})
+    fleet, sup, health = await fleet_of(cfg, tmp_path)
+    try:
+        old = fleet.runtimes["a:latest"]
+        make_ready(fleet, health, "a:latest")
+        lease = await fleet.acquire("a")
+        await fleet.reload(registry(model_dir, {"name": "a", "port": 21900, "max_model_len": 256, "load": "on_demand"}))
+        await until(lambda: fleet.runtimes["a:latest"] is not old)
+        new = fleet.runtimes["a:latest"]
+        assert new.port == old.port and new.program != old.program  # a program (and log) of its own
+        request = asyncio.create_task(fleet.acquire("a"))
+        await asyncio.sleep(0.5)
+        assert new.program not in sup.started()  # the port is the old server's until it has drained
+        assert not request.done()
+        lease.release()
+        await until(lambda: ("stop", old.program) in sup.calls)
+        await until(lambda: new.program in sup.running)
+        assert sup.calls.index(("stop", old.program)) < sup.calls.index(("start", new.program))
+        (await asyncio.wait_for(request, 10)).release()
+        assert new.state == State.READY
+    finally:
+        await fleet.close()
+
+
+async def test_a_start_that_outlasts_the_timeout_is_stopped_before_the_next_model_starts(
+        tmp_path: Path, model_dir: Path) -> None:
+    cfg = registry(model_dir, {"name": "a", "load": "on_demand"}, {"name": "b", "load": "on_demand"},
+                   server={"cold_start_timeout": 1})
+    fleet, sup, _ = await fleet_of(cfg, tmp_path)
+    try:
+        a, b = fleet.runtimes["a:latest"], fleet.runtimes["b:latest"]
+        await fleet.start_model(a)  # a never answers /health
+        await until(lambda: a.program in sup.running)
+        await fleet.start_model(b)
+        await until(lambda: b.program in sup.running, timeout=5)
+        assert a.program not in sup.running  # a was stopped first: never two starting at once
+        assert a.state == State.FAILED and "cold_start_timeout" in a.reason
+        assert sup.calls.index(("stop", a.program)) < sup.calls.index(("start", b.program))
+    finally:
+        await fleet.close()
