@@ -51,6 +51,10 @@ class Reply:
 def keep_alive_seconds(value: wire.KeepAlive) -> float | None:
     if value is None:
         return None
+    if isinstance(value, str) and (not value or value != value.strip()):
+        # Ollama reads a string with Go's time.ParseDuration, which refuses "" and spaces
+        # (config.parse_duration, for models.yaml, takes "" as 0: here that would unload).
+        raise ApiError(400, f'time: invalid duration "{value}"')
     try:
         return parse_duration(value)
     except ValueError as e:
@@ -203,39 +207,63 @@ class OllamaService:
             finally:
                 lease.release()
             now = self.clock()
-            state.timing.first_token = state.timing.first_token or state.timing.upstream
-            state.timing.last_token = now
+            state.timing.last_token = now  # when the first token came is unknown: see Timing.metrics
             try:
                 return Reply(body=_encode(state.whole(body, now)))
             except StreamAborted as e:
                 raise ApiError(502, str(e)) from None
         events: AsyncIterator[list[dict[str, Any]]] | None = None
 
-        async def first_batch() -> list[dict[str, Any]]:
+        async def first_batch() -> list[dict[str, Any]] | None:
             nonlocal events
             events = self.upstream.events(base, call.path, call.body)
             try:
                 return await anext(events)
             except StopAsyncIteration:
-                return []
+                return None
 
-        # Pull the first batch now so an upstream error before any output keeps its
-        # status code instead of arriving as a 200 stream with an error line.
+        # Read until vLLM sends output (its first chat chunk carries only the role) before
+        # answering 200, so an error before any output keeps its status, as in Ollama, instead
+        # of arriving as a 200 stream with an error line. The first output goes out at once.
+        first: bytes | None = None
         try:
-            first = await self._retrying(lease, first_batch)
-        except UpstreamError as e:
-            lease.status = _upstream_status(e)
+            batch = await self._retrying(lease, first_batch)
+            while batch is not None and events is not None:
+                first = self._lines(state, batch)
+                if first is not None:
+                    lease.first_token()
+                    break
+                try:
+                    batch = await anext(events)
+                except StopAsyncIteration:
+                    batch = None
+        except (UpstreamError, StreamAborted) as e:
+            lease.status = _upstream_status(e) if isinstance(e, UpstreamError) else 502
             lease.release()
-            self._unreachable(lease, e)
-            raise ApiError(_upstream_status(e), e.message) from None
+            if isinstance(e, UpstreamError):
+                self._unreachable(lease, e)
+            if events is not None:
+                await events.aclose()
+            raise ApiError(lease.status, e.message if isinstance(e, UpstreamError) else str(e)) from None
         except BaseException:
-            lease.status = 499
+            lease.status = 499  # the client left
             lease.release()
             if events is not None:
                 await events.aclose()
             raise
         assert events is not None
-        return Reply(stream=self._relay(lease, events, first, state))
+        return Reply(stream=self._relay(lease, events, first, batch is None, state))
+
+    def _lines(self, state: Any, batch: list[dict[str, Any]]) -> bytes | None:
+        """One upstream batch → its NDJSON lines as one write (None if it has nothing to show)."""
+        now = self.clock()
+        state.stamp = translate.rfc3339()
+        chunk = state.chunk
+        lines = [_encode(c) for data in batch if (c := chunk(data, now)) is not None]
+        if not lines:
+            return None
+        lines.append(b"")
+        return b"\n".join(lines)
 
     async def _retrying(self, lease: Lease, call: Callable[[], Awaitable[T]]) -> T:
         """`call`, once more if the model's server refused the connection (it crashed and is
@@ -247,35 +275,32 @@ class OllamaService:
                 raise
         return await call()
 
-    async def _relay(self, lease: Lease, events: AsyncIterator[list[dict[str, Any]]],
-                     first: list[dict[str, Any]], state: Any) -> AsyncIterator[bytes]:
+    async def _relay(self, lease: Lease, events: AsyncIterator[list[dict[str, Any]]], first: bytes | None,
+                     ended: bool, state: Any) -> AsyncIterator[bytes]:
         """vLLM's chunks → NDJSON lines; the lines of one socket read go out as one write.
 
-        Ends with the final chunk, or with an ``{"error"}`` line if vLLM fails mid-way.
+        `first` is the first output, already translated (None if the stream `ended` without
+        any). Ends with the final chunk, or with an ``{"error"}`` line if vLLM fails mid-way.
         Closing this iterator early (the client left) closes the upstream connection,
         which makes vLLM abort the generation.
         """
-        clock = self.clock
-        rfc3339 = translate.rfc3339
-        chunk = state.chunk
-        sent = False
+        lines = self._lines
+        sent = first is not None  # and counted for the time to first token
         try:
-            batch: list[dict[str, Any]] | None = first
-            while batch is not None:
-                now = clock()
-                state.stamp = rfc3339()
-                lines = [_encode(c) for data in batch if (c := chunk(data, now)) is not None]
-                if lines:
-                    if not sent:
-                        sent = True
-                        lease.first_token()
-                    lines.append(b"")
-                    yield b"\n".join(lines)
+            if first is not None:
+                yield first
+            while not ended:
                 try:
                     batch = await anext(events)
                 except StopAsyncIteration:
-                    batch = None
-            yield _line(state.done(clock()))
+                    break
+                out = lines(state, batch)
+                if out is not None:
+                    if not sent:
+                        sent = True
+                        lease.first_token()
+                    yield out
+            yield _line(state.done(self.clock()))
         except UpstreamError as e:
             lease.status = 502
             log.warning("%s: stream ended by upstream error: %s", lease.runtime.name, e.message)

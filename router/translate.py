@@ -13,6 +13,8 @@ Decisions worth knowing (each one is tested in tests/test_translate.py):
 * Sampling defaults: vLLama does not impose Ollama's defaults (temperature 0.8,
   top_k 40, top_p 0.9); an option the client leaves out gets the model's own
   generation_config.json, as vLLM serves it.
+* ``top_p: 0`` keeps only the most likely token, as in Ollama: vLLM refuses top_p 0,
+  so it becomes ``top_k: 1`` (the other options keep their meaning).
 * ``num_predict``: n > 0 → ``max_tokens``; -1, -2 and 0 → no ``max_tokens``
   (vLLM then fills the context, which is what -2 asks for; Ollama's runner also
   treats 0 as no limit).
@@ -25,6 +27,8 @@ Decisions worth knowing (each one is tested in tests/test_translate.py):
   template's thinking switch on (``enable_thinking``/``thinking``; levels also
   set ``reasoning_effort``), false turns it off and drops any reasoning text.
   Unset means on for such a model, as in Ollama.
+* A chat whose last message is the assistant's, with content, continues that
+  message (vLLM's ``continue_final_message``) rather than starting a new turn.
 * Tool calls keep vLLM's ids. A tool result without ``tool_call_id`` (the
   Ollama clients send only ``tool_name``) answers the earliest unanswered call
   of that name, or else the earliest unanswered call. Calls that arrive without
@@ -163,11 +167,15 @@ def sampling(options: wire.Options | None, target: Target) -> dict[str, Any]:
             out["max_tokens"] = n
     if o.temperature is not None:
         out["temperature"] = _range("temperature", o.temperature, 0, MAX_TEMPERATURE)
-    if o.top_p is not None:
-        out["top_p"] = _range("top_p", o.top_p, 0, 1) or 1.0
+    top_p = None if o.top_p is None else _range("top_p", o.top_p, 0, 1)
+    if top_p:
+        out["top_p"] = top_p
     if o.top_k is not None:
         k = _int_option("top_k", o.top_k)
         out["top_k"] = max(0, k)  # vLLM: 0 = all tokens
+    if top_p == 0:
+        # Ollama keeps the most likely token alone; vLLM wants top_p in (0, 1]: that is top_k 1.
+        out["top_k"] = 1
     if o.min_p is not None:
         out["min_p"] = _range("min_p", o.min_p, 0, 1)
     if o.seed is not None:
@@ -448,7 +456,13 @@ def chat_request(req: wire.ChatRequest, target: Target) -> UpstreamCall:
     if target.embedding:
         raise TranslationError(f'"{target.shown}" does not support chat')
     stream = req.stream is not False
-    body: dict[str, Any] = {"model": target.name, "messages": chat_messages(req.messages or ())}
+    messages = req.messages or ()
+    body: dict[str, Any] = {"model": target.name, "messages": chat_messages(messages)}
+    if messages and messages[-1].role.lower() == "assistant" and messages[-1].content:
+        # Ollama continues a final assistant message (a prefill) instead of starting a new turn;
+        # vLLM answers with the continuation alone (no ``echo``), as Ollama does.
+        body["continue_final_message"] = True
+        body["add_generation_prompt"] = False
     if req.tools:
         if not target.tools:
             raise TranslationError(
@@ -543,22 +557,32 @@ class Timing:
     upstream: int = 0
     """When it was sent to vLLM (after waiting for the model to be ready)."""
     first_token: int = 0
+    """When the first output arrived; 0 when unknown (a non-streamed answer) or none came."""
     last_token: int = 0
 
     def metrics(self, now: int, prompt_tokens: int, output_tokens: int) -> dict[str, int]:
         up = self.upstream or self.start
-        first = self.first_token or now
         last = self.last_token or now
-        # Tokens that arrive in one read share a timestamp; clients divide counts by these
-        # durations (tokens/s), so a duration with tokens behind it is never 0.
-        return {
+        out = {
             "total_duration": max(1, now - self.start),
             "load_duration": up - self.start,
             "prompt_eval_count": prompt_tokens,
-            "prompt_eval_duration": max(1 if prompt_tokens else 0, first - up),
             "eval_count": output_tokens,
-            "eval_duration": max(1 if output_tokens else 0, last - first),
         }
+        first = self.first_token
+        if first:
+            # Tokens that arrive in one read share a timestamp; clients divide counts by these
+            # durations (tokens/s), so a measured duration with tokens behind it is never 0.
+            out["prompt_eval_duration"] = max(1 if prompt_tokens else 0, first - up)
+            out["eval_duration"] = max(1 if output_tokens else 0, last - first)
+        elif output_tokens:
+            # Not streamed: when prefill ended is unknown. The generation's whole time is the
+            # eval time; prompt_eval_duration is left out (0 is omitted, as Ollama's Go omits it)
+            # rather than made up.
+            out["eval_duration"] = max(1, last - up)
+        else:
+            out["prompt_eval_duration"] = max(1 if prompt_tokens else 0, now - up)  # no output: all prefill
+        return out
 
 
 def _token_bytes(token: str) -> list[int]:
@@ -669,7 +693,8 @@ class _Stream:
 
     def final_metrics(self, now: int) -> dict[str, int]:
         """Ollama's counters: tokens from vLLM's usage; durations as the router measured them,
-        or vLLM's own (prefill and decode times) when it reports them (``--enable-per-request-metrics``)."""
+        or vLLM's own (prefill and decode times) when it reports them (``--enable-per-request-metrics``).
+        A non-streamed answer without vLLM's timings has no prompt_eval_duration: the split is unknown."""
         out = self.timing.metrics(now, self.prompt_tokens, self.output_tokens)
         engine = self.engine
         if engine:

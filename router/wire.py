@@ -1,7 +1,8 @@
 """Ollama's wire types as msgspec structs.
 
-Requests decode with unknown fields ignored (Ollama ignores them too); the
-types double as the OpenAPI schema Litestar publishes. Responses omit unset
+Requests decode with unknown fields ignored (Ollama ignores them too) and a
+JSON null meaning the field was left out (Go's decoder leaves a field as it is on
+null); the types double as the OpenAPI schema Litestar publishes. Responses omit unset
 fields, as Ollama's ``omitempty`` does, but keep the ones its clients require
 (``response``, ``message.content``, ``done``).
 """
@@ -17,6 +18,25 @@ Number = int | float
 Format = str | dict[str, Any] | None
 KeepAlive = str | int | float | None
 Think = bool | str | None
+
+
+class NullIsUnset(Struct):
+    """A request type where JSON null means "not set", as for Ollama's Go decoder: a field with a
+    default other than None is annotated ``X | None`` and gets its default back after decoding."""
+
+    def __post_init__(self) -> None:
+        cls = type(self)
+        spec = _DEFAULTS.get(cls)
+        if spec is None:
+            spec = _DEFAULTS[cls] = tuple(
+                (f.name, f.default, f.default_factory) for f in msgspec.structs.fields(cls)
+                if f.default is not None and not (f.default is msgspec.NODEFAULT and f.default_factory is msgspec.NODEFAULT))
+        for name, default, factory in spec:
+            if getattr(self, name) is None:
+                setattr(self, name, factory() if default is msgspec.NODEFAULT else default)
+
+
+_DEFAULTS: dict[type, tuple[tuple[str, Any, Any], ...]] = {}
 
 
 class Options(Struct, omit_defaults=True):
@@ -49,11 +69,11 @@ class Options(Struct, omit_defaults=True):
     numa: bool | None = None
 
 
-class ToolCallFunction(Struct):
+class ToolCallFunction(NullIsUnset):
     """Every key always written: Ollama's clients require `arguments`, even when empty."""
 
     name: str
-    arguments: dict[str, Any] | str = msgspec.field(default_factory=dict)
+    arguments: dict[str, Any] | str | None = msgspec.field(default_factory=dict)
     """An object in Ollama's form; a JSON string (OpenAI's habit) is accepted on input."""
     index: int | None = None
 
@@ -69,12 +89,12 @@ class ToolFunction(Struct, omit_defaults=True):
     parameters: dict[str, Any] | None = None
 
 
-class Tool(Struct, omit_defaults=True):
+class Tool(NullIsUnset, omit_defaults=True):
     function: ToolFunction
-    type: str = "function"
+    type: str | None = "function"
 
 
-class Message(Struct, omit_defaults=True):
+class Message(NullIsUnset, omit_defaults=True):
     role: str
     content: str | None = ""
     thinking: str | None = None
@@ -93,15 +113,15 @@ class OutMessage(Struct, omit_defaults=True):
     tool_calls: list[ToolCall] | None = None
 
 
-class GenerateRequest(Struct, omit_defaults=True):
-    model: str = ""
-    prompt: str = ""
+class GenerateRequest(NullIsUnset, omit_defaults=True):
+    model: str | None = ""
+    prompt: str | None = ""
     suffix: str | None = None
     system: str | None = None
     template: str | None = None
     context: list[int] | None = None
     stream: bool | None = None
-    raw: bool = False
+    raw: bool | None = False
     format: Format = None
     images: list[str] | None = None
     options: Options | None = None
@@ -111,8 +131,8 @@ class GenerateRequest(Struct, omit_defaults=True):
     top_logprobs: int | None = None
 
 
-class ChatRequest(Struct, omit_defaults=True):
-    model: str = ""
+class ChatRequest(NullIsUnset, omit_defaults=True):
+    model: str | None = ""
     messages: list[Message] | None = None
     tools: list[Tool] | None = None
     stream: bool | None = None
@@ -124,8 +144,8 @@ class ChatRequest(Struct, omit_defaults=True):
     top_logprobs: int | None = None
 
 
-class EmbedRequest(Struct, omit_defaults=True):
-    model: str = ""
+class EmbedRequest(NullIsUnset, omit_defaults=True):
+    model: str | None = ""
     input: str | list[str] | None = None
     truncate: bool | None = None
     dimensions: int | None = None
@@ -133,18 +153,18 @@ class EmbedRequest(Struct, omit_defaults=True):
     keep_alive: KeepAlive = None
 
 
-class EmbeddingsRequest(Struct, omit_defaults=True):
-    model: str = ""
-    prompt: str = ""
+class EmbeddingsRequest(NullIsUnset, omit_defaults=True):
+    model: str | None = ""
+    prompt: str | None = ""
     options: Options | None = None
     keep_alive: KeepAlive = None
 
 
-class ModelRequest(Struct, omit_defaults=True):
+class ModelRequest(NullIsUnset, omit_defaults=True):
     """Body of /api/show, /api/delete, /api/pull (``name`` is the legacy key)."""
 
-    model: str = ""
-    name: str = ""
+    model: str | None = ""
+    name: str | None = ""
     verbose: bool | None = None
     stream: bool | None = None
     insecure: bool | None = None

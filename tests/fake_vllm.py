@@ -62,6 +62,8 @@ class Script:
     delay: float = 0.0
     """Seconds between chunks."""
     embedding: list[list[float]] | None = None
+    metrics: dict[str, Any] | None = None
+    """vLLM's per-request timings (``--enable-per-request-metrics``): on the usage chunk, or the whole body."""
 
 
 def text(*tokens: str, finish: str = "stop", **kw: Any) -> Script:
@@ -328,7 +330,10 @@ class FakeVLLM:
             yield dump({**head, "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": finish,
                                              "stop_reason": None, "token_ids": None}]})
         if (req.get("stream_options") or {}).get("include_usage"):
-            yield dump({**head, "choices": [], "usage": usage, "system_fingerprint": FINGERPRINT})
+            last_chunk: dict[str, Any] = {**head, "choices": [], "usage": usage, "system_fingerprint": FINGERPRINT}
+            if script.metrics is not None:
+                last_chunk["metrics"] = script.metrics
+            yield dump(last_chunk)
 
     def _whole(self, req: dict[str, Any], script: Script, tokens: list[str], finish: str, usage: dict[str, Any],
                prompt_ids: list[int] | None, chat: bool) -> dict[str, Any]:
@@ -343,7 +348,7 @@ class FakeVLLM:
                         "token_ids": [200 + i for i in range(len(tokens))] if want_ids else None,
                         "prompt_logprobs": None, "prompt_token_ids": prompt_ids, "routed_experts": None}],
                     "service_tier": None, "system_fingerprint": FINGERPRINT, "usage": full_usage,
-                    "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
+                    "kv_transfer_params": None, "ec_transfer_params": None, "metrics": script.metrics}
         message: dict[str, Any] = {"role": "assistant", "content": "".join(tokens) if tokens or not script.tool_calls
                                    else None, "refusal": None, "annotations": None, "audio": None,
                                    "function_call": None}
@@ -360,7 +365,7 @@ class FakeVLLM:
                     "routed_experts": None}],
                 "service_tier": None, "system_fingerprint": FINGERPRINT, "usage": full_usage,
                 "prompt_logprobs": None, "prompt_token_ids": prompt_ids, "prompt_text": None,
-                "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
+                "kv_transfer_params": None, "ec_transfer_params": None, "metrics": script.metrics}
 
     def _embeddings(self, req: dict[str, Any], script: Script) -> dict[str, Any]:
         inputs = req.get("input")

@@ -143,7 +143,7 @@ def test_model_of_the_wrong_type_is_400(router: ServedRouter, method: str, path:
 
 
 @pytest.mark.parametrize(("path", "body", "expected"), [
-    ("/api/generate", gen(prompt=5), "prompt: Expected `str`, got `int`"),
+    ("/api/generate", gen(prompt=5), "prompt: Expected `str | null`, got `int`"),
     ("/api/generate", gen(stream="yes"), "stream: Expected `bool | null`, got `str`"),
     ("/api/generate", gen(options="fast"), "options: Expected `object | null`, got `str`"),
     ("/api/generate", gen(options={"temperature": "hot"}), "options.temperature: Expected `int | float | null`"),
@@ -164,7 +164,7 @@ def test_model_of_the_wrong_type_is_400(router: ServedRouter, method: str, path:
     ("/api/embed", {"model": "embedder", "input": 5}, "input: Expected `str | array | null`, got `int`"),
     ("/api/embed", {"model": "embedder", "input": ["a", 5]}, "input[1]: Expected `str`, got `int`"),
     ("/api/embed", {"model": "embedder", "input": "x", "dimensions": [5]}, "dimensions: Expected `int | null`"),
-    ("/api/embeddings", {"model": "embedder", "prompt": ["x"]}, "prompt: Expected `str`, got `array`"),
+    ("/api/embeddings", {"model": "embedder", "prompt": ["x"]}, "prompt: Expected `str | null`, got `array`"),
     ("/api/show", {"model": "smart", "verbose": "yes"}, "verbose: Expected `bool | null`, got `str`"),
     ("/api/pull", {"model": "smart", "stream": "no"}, "stream: Expected `bool | null`, got `str`"),
 ])
@@ -279,6 +279,7 @@ def test_number_literals_out_of_float_range_are_400(router: ServedRouter) -> Non
 @pytest.mark.parametrize(("body", "expected"), [
     (gen(keep_alive="forever"), 'time: invalid duration "forever"'),
     (gen(keep_alive="300"), 'time: missing unit in duration "300"'),
+    (gen(keep_alive=""), 'time: invalid duration ""'),
     (gen(think="deeply"), 'invalid think value: "deeply"'),
     (gen(logprobs=True, top_logprobs=99), "top_logprobs must be between 0 and 20"),
     (gen(raw=True, system="s"), "raw mode does not support template, system, or context"),

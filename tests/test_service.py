@@ -121,6 +121,77 @@ def test_options_reach_vllm(client: ollama.Client, fake: FakeVLLM) -> None:
     assert not {"num_gpu", "mirostat", "typical_p", "options"} & set(body)
 
 
+def test_top_p_0_keeps_only_the_top_token(client: ollama.Client, fake: FakeVLLM) -> None:
+    """Ollama's top_p 0 keeps the most likely token alone; vLLM wants top_p in (0, 1], so that is top_k 1."""
+    client.generate(model="smart", prompt="x", options={"top_p": 0, "top_k": 40, "temperature": 0.7, "min_p": 0.1})
+    body = fake.last()
+    assert body["top_k"] == 1 and "top_p" not in body
+    assert (body["temperature"], body["min_p"]) == (0.7, 0.1)  # the other options keep their meaning
+    client.generate(model="smart", prompt="x", options={"top_p": 0.5, "top_k": 40})
+    assert (fake.last()["top_p"], fake.last()["top_k"]) == (0.5, 40)
+
+
+def test_non_streamed_durations_invent_no_prompt_eval_time(router: RouterThread, client: ollama.Client,
+                                                            fake: FakeVLLM) -> None:
+    """A non-streamed answer does not say when its first token came: Ollama's Go omits a zero
+    duration, so prompt_eval_duration is left out rather than made up; vLLM's own timings
+    (--enable-per-request-metrics) are used when it sends them."""
+    for path, body in (("/api/generate", {"model": "smart", "prompt": "x", "stream": False}),
+                       ("/api/chat", {"model": "smart", "stream": False,
+                                      "messages": [{"role": "user", "content": "x"}]})):
+        fake.push(slow(3, 0.05))
+        out = post(router, path, body).json()
+        assert out["eval_count"] == 3 and out["prompt_eval_count"] > 0
+        assert "prompt_eval_duration" not in out, out
+        assert out["eval_duration"] >= 150_000_000  # the whole generation: when decoding began is unknown
+        assert out["total_duration"] >= out["eval_duration"]
+    r = client.generate(model="smart", prompt="x")
+    assert r.prompt_eval_duration is None and r.eval_duration
+    fake.push(Script(tokens=["a"], finish_reason="stop",
+                     metrics={"time_to_first_token_ms": 12.5, "generation_time_ms": 3.0}))
+    r = client.chat(model="smart", messages=[{"role": "user", "content": "x"}])
+    assert (r.prompt_eval_duration, r.eval_duration) == (12_500_000, 3_000_000)
+
+
+def test_empty_keep_alive_is_a_400_as_in_ollama(router: RouterThread) -> None:
+    """Ollama parses a string keep_alive with Go's time.ParseDuration, which refuses "": never an unload."""
+    for body in ({"model": "smart", "prompt": "x", "keep_alive": ""}, {"model": "smart", "keep_alive": ""},
+                 {"model": "smart", "messages": [], "keep_alive": " "}):
+        r = post(router, "/api/chat" if "messages" in body else "/api/generate", body)
+        value = body["keep_alive"]
+        assert (r.status_code, r.json()) == (400, {"error": f'time: invalid duration "{value}"'})
+    r = post(router, "/api/generate", {"model": "smart", "keep_alive": "0"})
+    assert r.json()["done_reason"] == "unload"
+
+
+def test_null_means_not_set(router: RouterThread, fake: FakeVLLM) -> None:
+    """Go's decoder leaves a field as it is on JSON null: null is the same as leaving the field out."""
+    fake.reset()
+    nulls = dict.fromkeys(("suffix", "system", "template", "context", "stream", "raw", "format", "images",
+                           "options", "keep_alive", "think", "logprobs", "top_logprobs"))
+    r = post(router, "/api/generate", {"model": "smart", "prompt": "x", **nulls})
+    assert r.status_code == 200 and ndjson(r)[-1]["done"], r.text
+    assert post(router, "/api/generate", {"model": "smart", "prompt": None}).json()["done_reason"] == "load"
+    r = post(router, "/api/generate", {"model": None, "prompt": "x"})
+    assert (r.status_code, r.json()) == (400, {"error": "model is required"})
+    messages = [{"role": "user", "content": "Weather?", "images": None, "thinking": None},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": None, "function": {"name": "get_weather", "arguments": None, "index": None}}]},
+                {"role": "tool", "content": "sunny", "tool_name": None, "tool_call_id": None}]
+    tool = {"type": None, "function": {**WEATHER["function"], "description": None}}
+    r = post(router, "/api/chat", {"model": "smart", "messages": messages, "tools": [tool], "stream": False,
+                                   "options": {"temperature": None, "stop": None}})
+    assert r.status_code == 200, r.text
+    sent = fake.last()
+    assert sent["tools"][0]["type"] == "function"
+    assert sent["messages"][1]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": "{}"}
+    assert "temperature" not in sent
+    r = post(router, "/api/embeddings", {"model": "embedder", "prompt": None})
+    assert (r.status_code, r.json()) == (200, {"embedding": []})
+    assert post(router, "/api/embed", {"model": "embedder", "input": None, "truncate": None}).status_code == 200
+    assert post(router, "/api/show", {"model": None, "name": "smart", "verbose": None}).status_code == 200
+
+
 def test_format_reaches_vllm_as_structured_output(client: ollama.Client, fake: FakeVLLM) -> None:
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}}
     client.chat(model="smart", messages=[{"role": "user", "content": "x"}], format=schema)
@@ -144,6 +215,26 @@ def test_chat_streams_with_thinking(client: ollama.Client, fake: FakeVLLM) -> No
     fake.push(thinking(["a"], ["b"]))
     whole = client.chat(model="smart", messages=[{"role": "user", "content": "ok?"}])
     assert (whole.message.thinking, whole.message.content) == ("a", "b")
+
+
+def test_a_final_assistant_message_is_continued(client: ollama.Client, fake: FakeVLLM) -> None:
+    """Ollama continues a conversation's last assistant message (a prefill) rather than starting a
+    new turn, and answers with the continuation alone."""
+    messages = [{"role": "user", "content": "Say hello world"}, {"role": "assistant", "content": "Hello"}]
+    fake.push(text(" world", "!"))
+    chunks = list(client.chat(model="smart", messages=messages, stream=True))
+    assert "".join(c.message.content or "" for c in chunks) == " world!"
+    body = fake.last()
+    assert (body["continue_final_message"], body["add_generation_prompt"]) == (True, False)
+    assert body["messages"][-1] == {"role": "assistant", "content": "Hello"} and not body.get("echo")
+    fake.push(text(" world", "!"))
+    assert client.chat(model="plain", messages=messages).message.content == " world!"
+    assert fake.last()["continue_final_message"] is True
+    # A new turn otherwise: after a user's message, or an assistant's empty one (a tool call).
+    client.chat(model="smart", messages=[{"role": "user", "content": "x"}])
+    assert not {"continue_final_message", "add_generation_prompt"} & set(fake.last())
+    client.chat(model="smart", messages=[*messages[:1], {"role": "assistant", "content": ""}])
+    assert not {"continue_final_message", "add_generation_prompt"} & set(fake.last())
 
 
 def test_chat_tool_call_round_trip(client: ollama.Client, fake: FakeVLLM) -> None:
@@ -246,7 +337,7 @@ def test_bad_bodies_are_clean_400s(router: RouterThread, path: str) -> None:
         (b"{", "invalid JSON: input data was truncated"),
         (b"{'model': 1}", "invalid JSON: "),
         (b"[]", "Expected `object`, got `array`"),
-        (b'{"model": 1}', "model: Expected `str`, got `int`"),
+        (b'{"model": 1}', "model: Expected `str | null`, got `int`"),
     ]
     for content, message in cases:
         r = post(router, path, content=content)
@@ -307,6 +398,34 @@ def test_upstream_error_before_output_keeps_its_status(client: ollama.Client, fa
     with pytest.raises(ollama.ResponseError) as e:
         client.generate(model="smart", prompt="x")
     assert e.value.status_code == 502
+
+
+def test_upstream_failure_after_the_role_chunk_is_still_before_any_output(router: RouterThread,
+                                                                         client: ollama.Client,
+                                                                         fake: FakeVLLM) -> None:
+    """vLLM's first chat chunk carries only the role: a failure right after it comes before any
+    output, so it keeps a status as Ollama's does (the client raises with the real code)."""
+    fake.push(Script(tokens=["a", "b"], error_after=0))
+    with pytest.raises(ollama.ResponseError) as e:
+        list(client.chat(model="smart", messages=[{"role": "user", "content": "x"}], stream=True))
+    assert (e.value.status_code, e.value.error) == (502, "the engine died")
+    fake.push(Script(tokens=["a", "b"], error_after=0))
+    r = post(router, "/api/generate", {"model": "smart", "prompt": "x"})
+    assert (r.status_code, r.json()) == (502, {"error": "the engine died"})
+    fake.push(Script(tokens=["a", "b"], cut_after=0))
+    r = post(router, "/api/chat", {"model": "smart", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 502 and set(r.json()) == {"error"}
+    # vLLM aborting the generation: mid-way an error line, before any output an error status.
+    fake.push(Script(tokens=["a", "b"], finish_reason="abort", delay=0.05), Script(tokens=[], finish_reason="abort"))
+    lines = ndjson(post(router, "/api/chat", {"model": "smart", "messages": [{"role": "user", "content": "x"}]}))
+    assert lines[0]["message"]["content"] == "a" and "aborted" in lines[-1]["error"]
+    r = post(router, "/api/chat", {"model": "smart", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 502 and "aborted" in r.json()["error"]
+    # An empty answer is still a stream: the role chunk, the finish, the usage, then done.
+    fake.push(text())
+    lines = ndjson(post(router, "/api/chat", {"model": "smart", "messages": [{"role": "user", "content": "x"}]}))
+    assert len(lines) == 1 and lines[0]["done"] and lines[0]["message"]["content"] == ""
+    assert _wait(lambda: router.fleet.runtimes["smart:latest"].inflight == 0)
 
 
 def test_upstream_failure_mid_stream_ends_with_an_error_line(router: RouterThread, fake: FakeVLLM) -> None:

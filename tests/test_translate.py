@@ -177,7 +177,8 @@ def test_num_predict(num_predict: float, expected: dict[str, Any]) -> None:
 def test_ollama_sentinels_mean_the_vllm_default() -> None:
     assert opts(seed=-1) == {}  # random
     assert opts(top_k=0) == {"top_k": 0}  # all tokens, as vLLM spells it
-    assert opts(top_p=0) == {"top_p": 1.0}
+    assert opts(top_p=0) == {"top_k": 1}  # Ollama keeps the top token alone; vLLM refuses top_p 0
+    assert opts(top_p=0, top_k=0, temperature=0.5) == {"top_k": 1, "temperature": 0.5}
     assert opts(repeat_penalty=0) == {}
 
 
