@@ -72,6 +72,5 @@ def program(
         argv=tuple(vllm_argv(config, model, port, extra_args)),
         env=vllm_env(config, model, extra_env),
         stopwaitsecs=config.engine.stopwaitsecs,
-        startretries=config.engine.startretries,
         nice=config.engine.nice,
     )

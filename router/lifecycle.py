@@ -103,6 +103,8 @@ class Runtime:
     """Exits since the last time it was ready (crash-loop detection)."""
     queued: bool = False
     """Asked to start, waiting for the start lock (another model is starting)."""
+    launching: bool = False
+    """`Fleet._launch` is starting it: that loop, not the monitor, handles its exits."""
     held: bool = False
     """Stopped by an admin: requests get 503 until `vllama start` (no surprise restarts)."""
     start_requested: float = 0.0
@@ -431,7 +433,8 @@ class Fleet:
         pid = info.get("pid") or None if info else None
         if rt.pid is not None and pid != rt.pid:
             reap_group(rt.pid)
-            if rt.state != State.STOPPED and await self._crashed(rt, f"process {rt.pid} exited"):
+            gone, rt.pid = rt.pid, None
+            if not rt.launching and rt.state != State.STOPPED and await self._exited(rt, f"process {gone} exited"):
                 return
         if sstate in ("STARTING", "RUNNING"):
             rt.pid = pid
@@ -448,33 +451,44 @@ class Fleet:
                 rt.failed_probes += 1
                 if rt.failed_probes >= UNHEALTHY_AFTER:
                     await self._set(rt, State.UNHEALTHY, f"process lives but /health failed {rt.failed_probes} times")
-        elif sstate in ("BACKOFF", "EXITED"):
+        elif sstate in ("BACKOFF", "EXITED", "FATAL"):
             rt.pid = None
-            if sstate == "EXITED" and info and info.get("exitstatus") == 0 and not rt.wanted:
-                await self._set(rt, State.STOPPED, "exited")
+            if rt.launching:
+                return  # `_launch` sees this exit itself
+            if not rt.wanted:
+                if rt.state not in (State.STOPPED, State.FAILED, State.MISSING):
+                    await self._set(rt, State.STOPPED, "exited")
             elif rt.state not in (State.RESTARTING, State.FAILED):
                 desc = info.get("description", "") if info else ""
-                await self._crashed(rt, f"process exited ({desc})")
-        elif sstate == "FATAL":
-            rt.pid = None
-            if rt.state != State.FAILED:
-                await self._set(rt, State.FAILED, self.failure_reason(rt, "gave up restarting"))
+                await self._exited(rt, f"process exited ({desc})")
         else:  # STOPPED, STOPPING, UNKNOWN
             rt.pid = None
-            if rt.queued or (rt.wanted and time.monotonic() - rt.start_requested < 5):
+            if rt.queued or rt.launching or (rt.wanted and time.monotonic() - rt.start_requested < 5):
                 return  # we just asked supervisord to start it; its view has not caught up
             if rt.state not in (State.STOPPED, State.FAILED, State.MISSING):
                 await self._set(rt, State.STOPPED, "stopped")
 
-    async def _crashed(self, rt: Runtime, what: str) -> bool:
+    async def _exited(self, rt: Runtime, what: str) -> bool:
+        """A server exited on its own: start it again in its turn; True if given up."""
+        if await self._crashed(rt, what):
+            return True
+        self._spawn(self._restart(rt))
+        return False
+
+    async def _restart(self, rt: Runtime) -> None:
+        async with self._start_lock:
+            if rt.wanted and rt.state == State.RESTARTING and any(r is rt for r in self._all()):
+                await self._launch(rt, self.config.server.cold_start_timeout)
+
+    async def _crashed(self, rt: Runtime, what: str, *, starting: bool = False) -> bool:
         """Count a crash; give up (stop, `failed`) after `startretries` crashes before ready.
 
-        supervisord only counts exits within `startsecs` as failed starts, but vLLM
-        fails late (a bad checkpoint, out of memory while profiling), so without
+        vLLM fails late (a bad checkpoint, out of memory while profiling), long after
+        supervisord's `startsecs`, so the router counts the failed starts itself: without
         this a model that can never start would be restarted forever.
         """
         rt.restarts += 1
-        if rt.state == State.STARTING:
+        if starting or rt.state == State.STARTING:
             rt.failed_starts += 1
         if rt.failed_starts > self.config.engine.startretries:
             rt.wanted = False
@@ -490,18 +504,18 @@ class Fleet:
         return False
 
     async def _move_port(self, rt: Runtime) -> None:
-        """Another process took the port this model was given: give it a free one."""
+        """Another process took the port this model was given: give it a free one (the
+        restart that follows starts it there)."""
         old_program = rt.program
         await self.sup.stop(old_program)  # type: ignore[union-attr]
         taken = {r.port for r in self._all() if r.port} | {self.config.server.port}
         rt.port = free_port((rt.port or self.config.engine.base_port) + 1, taken)
         rt.base_url = f"http://127.0.0.1:{rt.port}"
+        rt.program = f"{rt.model.program}-{rt.port}"
         if old_program in self.placements:
             self.placements[rt.program] = self.placements.pop(old_program)
         log.warning("%s: port taken by another process; moving to %d", rt.name, rt.port)
         await self.sup.apply(self.programs())  # type: ignore[union-attr]
-        rt.start_requested = time.monotonic()
-        await self.sup.start(rt.program)  # type: ignore[union-attr]
 
     async def suspect(self, rt: Runtime) -> None:
         """A request could not reach `rt`: look at it now rather than at the next tick."""
@@ -598,16 +612,61 @@ class Fleet:
                 rt.queued = False
                 if self.metrics is not None:
                     self.metrics.action("start", "always" if rt.always else "on_demand")
-                rt.start_requested = time.monotonic()
                 await self._set(rt, State.STARTING, "starting")
-                await self.sup.start(rt.program)
-            try:
+                await self._launch(rt, timeout)
+            else:
                 await self._wait_state(rt, timeout)
-            except ModelUnavailable:
-                reason = self.failure_reason(rt, f"not ready after {timeout:.0f}s (server.cold_start_timeout); stopped")
-                await self.stop_model(rt, "cold_start_timeout")
-                await self._set(rt, State.FAILED, reason)
-                raise
+
+    async def _launch(self, rt: Runtime, timeout: float) -> None:
+        """Under the start lock: start `rt`'s server and wait until it is ready or failed.
+
+        supervisord restarts nothing itself (``autorestart=false``): a server that exits
+        while it starts is started again here, after a pause that grows with each try,
+        until `_crashed` gives up (engine.startretries), and one that crashes later is
+        restarted through `_restart`, in its turn. So no restart ever overlaps another
+        model's start. One not ready within `timeout` is stopped (failed): a server that
+        hangs while starting must not hold up every other model.
+        """
+        deadline = time.monotonic() + timeout
+        rt.launching = True
+        try:
+            while True:
+                rt.start_requested = time.monotonic()
+                await self.sup.start(rt.program)  # type: ignore[union-attr]
+                exit_ = await self._until_started(rt, deadline)
+                if exit_ is None:
+                    return
+                if rt.pid is not None:
+                    reap_group(rt.pid)
+                    rt.pid = None
+                if await self._crashed(rt, exit_, starting=True):
+                    return
+                await asyncio.sleep(min(rt.failed_starts, 5))
+                if not rt.wanted:
+                    return
+        except ModelUnavailable:
+            reason = self.failure_reason(rt, f"not ready after {timeout:.0f}s (server.cold_start_timeout); stopped")
+            await self.stop_model(rt, "cold_start_timeout")
+            await self._set(rt, State.FAILED, reason)
+            raise
+        finally:
+            rt.launching = False
+
+    async def _until_started(self, rt: Runtime, deadline: float) -> str | None:
+        """Wait for `rt` to be ready, failed or unwanted (None), or for its process to exit
+        (what supervisord says of the exit). ModelUnavailable at `deadline`."""
+        while True:
+            if rt.state in (State.READY, State.FAILED, State.MISSING) or not rt.wanted:
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ModelUnavailable(f'model "{rt.name}" is still {rt.state.value}: {rt.reason}', retry_after=30)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(0.5, left)), rt.changed:
+                    await rt.changed.wait()
+            info = (await self.sup.processes()).get(rt.program)  # type: ignore[union-attr]
+            if info is not None and info["statename"] in ("BACKOFF", "EXITED", "FATAL") and rt.wanted:
+                return f"process exited ({info.get('description', '')})"
 
     async def _port_released(self, rt: Runtime) -> None:
         """A model with a fixed port starts once the server it replaces has let go of the port."""

@@ -141,7 +141,6 @@ class Program:
     argv: tuple[str, ...]
     env: Mapping[str, str]
     stopwaitsecs: int = 20
-    startretries: int = 3
     autostart: bool = False
     nice: int = 0
     """Run under nice(1) at this value: supervisord has no option for it."""
@@ -162,11 +161,13 @@ class Program:
             f"environment={quote_env(dict(sorted(env.items())))}",
             f"directory={paths.root}",
             f"autostart={'true' if self.autostart else 'false'}",
-            "autorestart=unexpected",
-            "exitcodes=0",
+            # The router restarts a server that exits, in its turn (two vLLMs must not
+            # start on one GPU at once) and counting vLLM's late failures: see
+            # lifecycle.Fleet._launch. supervisord's own retries would do neither.
+            "autorestart=false",
+            "startretries=0",
             # RUNNING only means "alive this long"; readiness is vLLM's /health.
             "startsecs=5",
-            f"startretries={self.startretries}",
             "stopsignal=TERM",
             f"stopwaitsecs={self.stopwaitsecs}",
             # vLLM forks EngineCore and worker processes: signal the whole group.

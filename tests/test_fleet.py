@@ -32,6 +32,7 @@ class Supervisord:
         self.programs: dict[str, Program] = {}
         self.applied: list[dict[str, Program]] = []
         self.running: dict[str, int] = {}
+        self.exited: set[str] = set()
         self.calls: list[tuple[str, str]] = []
         self.stop_gate = asyncio.Event()
         self.stop_gate.set()
@@ -50,7 +51,13 @@ class Supervisord:
     async def start(self, name: str) -> None:
         assert name in self.programs, f"start of unknown program {name}"
         self.calls.append(("start", name))
+        self.exited.discard(name)
         self.running.setdefault(name, next(self._pids))
+
+    def crash(self, name: str) -> None:
+        """The server exits on its own (supervisord restarts nothing: autorestart=false)."""
+        del self.running[name]
+        self.exited.add(name)
 
     async def stop(self, name: str) -> None:
         self.calls.append(("stop", name))
@@ -58,7 +65,8 @@ class Supervisord:
         self.running.pop(name, None)
 
     async def processes(self) -> dict[str, dict[str, Any]]:
-        return {n: {"statename": "RUNNING", "pid": pid} for n, pid in self.running.items()}
+        out = {n: {"statename": "EXITED", "pid": 0, "description": "exit status 1"} for n in self.exited}
+        return out | {n: {"statename": "RUNNING", "pid": pid} for n, pid in self.running.items()}
 
     def alive(self) -> bool:
         return True
@@ -289,5 +297,44 @@ async def test_a_start_that_outlasts_the_timeout_is_stopped_before_the_next_mode
         assert a.program not in sup.running  # a was stopped first: never two starting at once
         assert a.state == State.FAILED and "cold_start_timeout" in a.reason
         assert sup.calls.index(("stop", a.program)) < sup.calls.index(("start", b.program))
+    finally:
+        await fleet.close()
+
+
+async def test_a_crashed_model_is_restarted_in_its_turn(tmp_path: Path, model_dir: Path) -> None:
+    cfg = registry(model_dir, {"name": "a"}, {"name": "b", "load": "on_demand"})
+    fleet, sup, health = await fleet_of(cfg, tmp_path)
+    try:
+        a, b = fleet.runtimes["a:latest"], fleet.runtimes["b:latest"]
+        make_ready(fleet, health, "a:latest")
+        await until(lambda: a.state == State.READY)
+        await fleet.start_model(b)
+        await until(lambda: b.program in sup.running)  # b starts (profiles its device) ...
+        sup.crash(a.program)  # ... when a dies
+        await until(lambda: a.state == State.RESTARTING)
+        await asyncio.sleep(0.5)
+        assert sup.started().count(a.program) == 1  # not restarted while b starts
+        make_ready(fleet, health, "b:latest")
+        await until(lambda: b.state == State.READY)
+        await until(lambda: a.state == State.READY)  # then a, in its turn
+        assert sup.started() == [a.program, b.program, a.program]
+        assert a.restarts == 1 and a.failed_starts == 0
+    finally:
+        await fleet.close()
+
+
+async def test_a_model_that_keeps_exiting_as_it_starts_fails_after_startretries(tmp_path: Path,
+                                                                              model_dir: Path) -> None:
+    cfg = registry(model_dir, {"name": "a", "load": "on_demand"}, engine={"startretries": 1})
+    fleet, sup, _ = await fleet_of(cfg, tmp_path)
+    try:
+        a = fleet.runtimes["a:latest"]
+        await fleet.start_model(a)
+        for _ in range(2):  # the first try and one retry, each dying before it is ready
+            await until(lambda: a.program in sup.running)
+            sup.crash(a.program)
+        await until(lambda: a.state == State.FAILED, timeout=15)
+        assert "exited 2 times before it was ready; gave up" in a.reason
+        assert sup.started().count(a.program) == 2
     finally:
         await fleet.close()

@@ -70,11 +70,12 @@ def test_environment_values_supervisord_cannot_carry_are_refused(value: str) -> 
 
 
 def test_program_options_for_vllm(paths: Paths) -> None:
-    write_programs(paths, [Program(name="vllm-x", argv=("true",), env={}, stopwaitsecs=7, startretries=2)])
+    write_programs(paths, [Program(name="vllm-x", argv=("true",), env={}, stopwaitsecs=7)])
     proc = parsed_programs(paths)["vllm-x"]
     assert proc.stopasgroup and proc.killasgroup  # EngineCore and workers die with the server
-    assert proc.stopwaitsecs == 7 and proc.startretries == 2
+    assert proc.stopwaitsecs == 7
     assert proc.autostart is False  # models start in order, driven by the router
+    assert proc.autorestart is False and proc.startretries == 0  # and restart in order, by the router too
     assert proc.stdout_logfile == str(paths.log("vllm-x"))
 
 
