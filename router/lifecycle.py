@@ -646,7 +646,7 @@ class Fleet:
                     return
         except ModelUnavailable:
             reason = self.failure_reason(rt, f"not ready after {timeout:.0f}s (server.cold_start_timeout); stopped")
-            await self.stop_model(rt, "cold_start_timeout")
+            await self._stop(rt, "cold_start_timeout")
             await self._set(rt, State.FAILED, reason)
             raise
         finally:
@@ -752,7 +752,7 @@ class Fleet:
             return problem
         by_program = {r.program: r for r in idle}
         for program in victims:
-            await self.stop_model(by_program[program], f"evicted to make room for {rt.name}")
+            await self._stop(by_program[program], f"evicted to make room for {rt.name}")
             self.evictions += 1
             if self.metrics is not None:
                 self.metrics.evicted(by_program[program].name)
@@ -808,7 +808,21 @@ class Fleet:
             self._spawn(self._start_and_wait(rt, self.config.server.cold_start_timeout))
 
     async def stop_model(self, rt: Runtime, reason: str, *, hold: bool = False) -> None:
-        """Stop `rt` (its whole process group). With `hold`, requests do not restart it."""
+        """Stop `rt` (its whole process group). With `hold`, requests do not restart it.
+
+        Waits while another model starts: a vLLM profiling its GPU takes memory that another
+        server frees meanwhile for its own (its KV cache then comes out wrong, or it fails).
+        """
+        if self.sup is None or rt.remote:
+            return
+        if rt.pid is None and not rt.launching:
+            await self._stop(rt, reason, hold=hold)  # no process (waiting its turn, or down): nothing to free
+            return
+        async with self._start_lock:
+            await self._stop(rt, reason, hold=hold)
+
+    async def _stop(self, rt: Runtime, reason: str, *, hold: bool = False) -> None:
+        """`stop_model` for a caller that holds the start lock."""
         if self.sup is None or rt.remote:
             return
         rt.wanted = False
@@ -830,8 +844,9 @@ class Fleet:
 
     async def _stop_idle(self, rt: Runtime, reason: str) -> None:
         """Stop an idle model (keep_alive), unless a request came since it was found idle."""
-        if rt.state == State.READY and rt.inflight == 0 and rt.waiting == 0:
-            await self.stop_model(rt, reason)
+        async with self._start_lock:
+            if rt.state == State.READY and rt.inflight == 0 and rt.waiting == 0:
+                await self._stop(rt, reason)
 
     async def restart_model(self, rt: Runtime) -> None:
         await self.stop_model(rt, "restart requested")

@@ -338,3 +338,25 @@ async def test_a_model_that_keeps_exiting_as_it_starts_fails_after_startretries(
         assert sup.started().count(a.program) == 2
     finally:
         await fleet.close()
+
+
+async def test_no_model_is_stopped_while_another_starts(tmp_path: Path, model_dir: Path) -> None:
+    cfg = registry(model_dir, {"name": "a", "load": "on_demand", "keep_alive": 0},
+                   {"name": "b", "load": "on_demand"})
+    fleet, sup, health = await fleet_of(cfg, tmp_path)
+    try:
+        a, b = fleet.runtimes["a:latest"], fleet.runtimes["b:latest"]
+        make_ready(fleet, health, "a:latest")
+        lease = await fleet.acquire("a")
+        await fleet.start_model(b)
+        await until(lambda: b.program in sup.running)  # b profiles its device ...
+        lease.release()  # ... when a's last request ends (keep_alive 0) ...
+        admin = asyncio.create_task(fleet.stop_model(a, "admin", hold=True))  # ... and an admin stops it too
+        await asyncio.sleep(0.5)
+        assert ("stop", a.program) not in sup.calls and a.state == State.READY  # still serving meanwhile
+        make_ready(fleet, health, "b:latest")
+        await until(lambda: ("stop", a.program) in sup.calls)
+        await admin
+        assert b.state == State.READY and a.state == State.STOPPED
+    finally:
+        await fleet.close()
