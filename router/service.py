@@ -81,6 +81,7 @@ class OllamaService:
         self.upstream = upstream
         self.clock = clock
         self._ctx: dict[tuple[str, str, int | None], int | None] = {}
+        self._num_ctx_warned: set[tuple[str, int]] = set()
 
     # --- helpers -----------------------------------------------------------------
 
@@ -116,6 +117,25 @@ class OllamaService:
             lease.status = e.status
             lease.release()
             raise ApiError(e.status, str(e)) from None
+
+    def _note_num_ctx(self, options: wire.Options | None, target: Target) -> None:
+        """A num_ctx above the served context is clamped to it (it never reaches vLLM), as
+        Ollama clamps it. Logged as a warning once per model and value, then at debug: a client
+        sends the same num_ctx with every request (Open WebUI's model settings), and a warning
+        per request would bury the log, while the first one already says what to change."""
+        ctx = translate.oversized_num_ctx(options, target)
+        if ctx is None:
+            return
+        key = (target.name, ctx)
+        if key in self._num_ctx_warned:
+            log.debug("%s: num_ctx %d clamped to %s", target.shown, ctx, target.max_model_len)
+            return
+        if len(self._num_ctx_warned) >= 1024:  # values come from clients: keep the set bounded
+            self._num_ctx_warned.clear()
+        self._num_ctx_warned.add(key)
+        log.warning("%s: num_ctx %d is more than the %s tokens the model is served with; using %s "
+                    "(raise max_model_len in models.yaml for more)", target.shown, ctx, target.max_model_len,
+                    target.max_model_len)
 
     def _unreachable(self, lease: Lease, e: UpstreamError) -> None:
         """A connection refused: have the fleet look at the model now, not at its next tick."""
@@ -159,6 +179,7 @@ class OllamaService:
         if req.context and not req.raw:
             prompt_ids = await self._continuation(lease, req, target)
         call = self._translate(lease, lambda: translate.generate_request(req, target, prompt_ids))
+        self._note_num_ctx(req.options, target)
         state = translate.GenerateStream(req.model, translate.Timing(start=start), want_context=not req.raw)
         return await self._run(lease, call, state)
 
@@ -185,15 +206,59 @@ class OllamaService:
         lease = await self._lease(req.model, req.keep_alive, "chat")
         target = self.target(lease.runtime.model, req.model)
         call = self._translate(lease, lambda: translate.chat_request(req, target))
+        self._note_num_ctx(req.options, target)
         state = translate.ChatStream(req.model, translate.Timing(start=start))
-        return await self._run(lease, call, state)
 
-    async def _run(self, lease: Lease, call: translate.UpstreamCall, state: Any) -> Reply:
+        async def refit(refused: UpstreamError) -> translate.UpstreamCall:
+            return await self._fit_context(lease, call, target, refused, truncate=req.truncate is not False)
+
+        return await self._run(lease, call, state, refit)
+
+    async def _fit_context(self, lease: Lease, call: translate.UpstreamCall, target: Target, refused: UpstreamError,
+                           truncate: bool = True) -> translate.UpstreamCall:
+        """The chat vLLM refused as too long for the context, without its oldest messages, as
+        Ollama truncates a chat (system messages and the last message always stay). How many go
+        is found from vLLM's /tokenize counts (`translate.ContextFit`: a few calls, only on this
+        path). Raises Ollama's 400 when even the last message does not fit (or the client said
+        ``truncate: false``), and vLLM's own refusal when the counting fails."""
+        name = lease.runtime.name
+        messages = call.body["messages"]
+        fit = translate.ContextFit(translate.truncation_cuts(messages) if truncate else (),
+                                   call.body.get("max_tokens"), target.max_model_len)
+        counts = 0
+        try:
+            while (drop := fit.probe()) is not None:
+                tok = translate.chat_tokenize_call(call, drop)
+                answer = await self.upstream.post_json(lease.runtime.base_url, tok.path, tok.body)
+                count = answer.get("count") if isinstance(answer, dict) else None
+                limit = answer.get("max_model_len") if isinstance(answer, dict) else None
+                if not isinstance(count, int):
+                    raise UpstreamError(502, f"/tokenize answered without a count: {answer!r:.200}")
+                fit.record(count, limit if isinstance(limit, int) else None)
+                counts += 1
+        except UpstreamError as e:
+            log.warning("%s: the conversation is too long for the context and counting its tokens failed (%s): "
+                        "answering vLLM's refusal", name, e.message)
+            raise refused from None
+        if fit.drop is None:
+            log.info("%s: the conversation is too long for the context (%s tokens)%s: %s", name, fit.limit,
+                     "" if truncate else " and the client asked not to truncate it", refused.message)
+            raise UpstreamError(400, translate.CONTEXT_OVERFLOW)
+        log.info("%s: the conversation is too long for the context (%s tokens): dropped its %d oldest of %d "
+                 "messages, keeping %d tokens for the answer (%d token counts)", name, fit.limit, fit.drop,
+                 len(messages), fit.room, counts)
+        return translate.truncated_chat(call, fit.drop)
+
+    async def _run(self, lease: Lease, call: translate.UpstreamCall, state: Any,
+                   refit: Callable[[UpstreamError], Awaitable[translate.UpstreamCall]] | None = None) -> Reply:
+        """`call` to vLLM, its answer translated by `state`. `refit`, given a refusal for the
+        context's length (before any output), makes a shorter call to send instead, once."""
         base = lease.runtime.base_url
         state.timing.upstream = self.clock()
         if not call.body["stream"]:
             try:
-                body = await self._retrying(lease, lambda: self.upstream.post_json(base, call.path, call.body))
+                body = await self._refitting(
+                    lease, call, lambda c: self.upstream.post_json(base, c.path, c.body), refit)
             except UpstreamError as e:
                 lease.status = _upstream_status(e)
                 self._unreachable(lease, e)
@@ -214,9 +279,9 @@ class OllamaService:
                 raise ApiError(502, str(e)) from None
         events: AsyncIterator[list[dict[str, Any]]] | None = None
 
-        async def first_batch() -> list[dict[str, Any]] | None:
+        async def first_batch(c: translate.UpstreamCall) -> list[dict[str, Any]] | None:
             nonlocal events
-            events = self.upstream.events(base, call.path, call.body)
+            events = self.upstream.events(base, c.path, c.body)
             try:
                 return await anext(events)
             except StopAsyncIteration:
@@ -227,7 +292,7 @@ class OllamaService:
         # of arriving as a 200 stream with an error line. The first output goes out at once.
         first: bytes | None = None
         try:
-            batch = await self._retrying(lease, first_batch)
+            batch = await self._refitting(lease, call, first_batch, refit)
             while batch is not None and events is not None:
                 first = self._lines(state, batch)
                 if first is not None:
@@ -264,6 +329,19 @@ class OllamaService:
             return None
         lines.append(b"")
         return b"\n".join(lines)
+
+    async def _refitting(self, lease: Lease, call: translate.UpstreamCall,
+                         send: Callable[[translate.UpstreamCall], Awaitable[T]],
+                         refit: Callable[[UpstreamError], Awaitable[translate.UpstreamCall]] | None) -> T:
+        """`send(call)`; if vLLM refuses it as too long for the context and `refit` can make it
+        fit, send the shorter call once (the normal path costs nothing more than the try)."""
+        try:
+            return await self._retrying(lease, lambda: send(call))
+        except UpstreamError as e:
+            if refit is None or not translate.context_overflow(e.status, e.message):
+                raise
+            shorter = await refit(e)
+        return await self._retrying(lease, lambda: send(shorter))
 
     async def _retrying(self, lease: Lease, call: Callable[[], Awaitable[T]]) -> T:
         """`call`, once more if the model's server refused the connection (it crashed and is

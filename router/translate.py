@@ -20,7 +20,9 @@ Decisions worth knowing (each one is tested in tests/test_translate.py):
   treats 0 as no limit).
 * Options vLLM has no equivalent for (num_gpu, num_thread, mirostat*, typical_p,
   tfs_z, num_keep, repeat_last_n…) are accepted and ignored, as Ollama ignores
-  unknown ones. ``num_ctx`` above what the model is served with is a 400.
+  unknown ones. ``num_ctx`` does not reach vLLM (the context is fixed when a model is
+  served); one above the served context is clamped to it, as Ollama clamps it to what
+  the model supports, never a 400 (the service logs it: `oversized_num_ctx`).
 * ``format``: "json" → ``response_format: json_object``; a schema →
   ``json_schema`` (vLLM's structured output enforces it).
 * ``think``: only for models served with a reasoning parser; true/levels turn the
@@ -29,6 +31,10 @@ Decisions worth knowing (each one is tested in tests/test_translate.py):
   Unset means on for such a model, as in Ollama.
 * A chat whose last message is the assistant's, with content, continues that
   message (vLLM's ``continue_final_message``) rather than starting a new turn.
+* A chat too long for the context (vLLM refuses it: `context_overflow`) loses its
+  oldest messages, never the system messages nor the latest one, as Ollama's chatPrompt
+  does; `truncation_cuts` says where a conversation may be cut and `ContextFit` how far,
+  from vLLM's token counts. Only a refused request pays for it.
 * Tool calls keep vLLM's ids. A tool result without ``tool_call_id`` (the
   Ollama clients send only ``tool_name``) answers the earliest unanswered call
   of that name, or else the earliest unanswered call. Calls that arrive without
@@ -195,13 +201,22 @@ def sampling(options: wire.Options | None, target: Target) -> dict[str, Any]:
         if v is not None:
             out[key] = _range(key, v, -2, 2)
     if o.num_ctx is not None:
-        ctx = _int_option("num_ctx", o.num_ctx)
-        if target.max_model_len is not None and ctx > target.max_model_len:
-            raise TranslationError(
-                f"num_ctx {ctx} exceeds the context length {target.shown} is served with "
-                f"({target.max_model_len}); raise max_model_len in models.yaml"
-            )
+        # Checked like any int option, then left out: vLLM's context is the one the model is
+        # served with. More than that is clamped to it (see `oversized_num_ctx`), never a 400.
+        _int_option("num_ctx", o.num_ctx)
     return out
+
+
+def oversized_num_ctx(options: wire.Options | None, target: Target) -> int | None:
+    """The ``num_ctx`` asked for when it is more than the context `target` is served with
+    (Ollama clamps it to what the model supports and logs a warning); None otherwise."""
+    if options is None or options.num_ctx is None or target.max_model_len is None:
+        return None
+    try:
+        ctx = _int_option("num_ctx", options.num_ctx)
+    except TranslationError:
+        return None
+    return ctx if ctx > target.max_model_len else None
 
 
 def response_format(fmt: wire.Format) -> dict[str, Any] | None:
@@ -476,6 +491,174 @@ def chat_request(req: wire.ChatRequest, target: Target) -> UpstreamCall:
     body.update(_think(req.think, target))
     body.update(_logprobs(req.logprobs, req.top_logprobs, chat=True))
     return UpstreamCall("/v1/chat/completions", _finish_body(body, stream, req.options, target))
+
+
+# --- context overflow -------------------------------------------------------------------
+
+CONTEXT_OVERFLOW = "the input length exceeds the context length"
+"""Ollama's 400 (its runner's words) when a prompt cannot be made to fit the context."""
+
+ANSWER_ROOM = 4096
+"""Tokens a chat cut to fit keeps free for the answer when the request sets no num_predict
+(at most a quarter of the context). Ollama's runner shifts its context when an answer reaches
+the end; vLLM stops there, so a conversation cut to the context's last token would leave the
+answer one token, and the next turn would overflow again."""
+
+
+def context_overflow(status: int, message: str) -> bool:
+    """vLLM refused a request, before any output, because its prompt does not fit the context.
+
+    vLLM 0.32 words it "This model's maximum context length is N tokens. However, your prompt
+    contains M input tokens, …" (or "… M characters …" for a text too long to tokenize;
+    renderers/params.py), or "Input length (M) exceeds model's maximum context length (N)."
+    (get_max_tokens); a prompt exactly as long as the context leaves no room for a token:
+    "max_tokens must be at least 1, got 0." (the router itself never asks for 0 tokens).
+    """
+    if status != 400:
+        return False
+    return "maximum context length" in message or message.startswith("max_tokens must be at least 1, got 0")
+
+
+def _tool_block_start(roles: Sequence[Any], messages: Sequence[Mapping[str, Any]], i: int) -> int:
+    """Ollama's toolBlockStartIndex: a cut at a tool result moves back to the assistant turn
+    whose calls it answers, so a result never stays without its call."""
+    if i <= 0 or roles[i] != "tool":
+        return i
+    start = i
+    while start > 0 and roles[start - 1] == "tool":
+        start -= 1
+    call = start - 1
+    if call >= 0 and roles[call] == "assistant" and messages[call].get("tool_calls"):
+        return call
+    return i
+
+
+def truncation_cuts(messages: Sequence[Mapping[str, Any]]) -> list[int]:
+    """How many of a chat's oldest non-system messages may be dropped, fewest first (OpenAI
+    messages, as `chat_messages` makes them).
+
+    As Ollama's chatPrompt: the system messages and the last message always stay, and a cut
+    never parts tool results from the assistant turn that called them. One more rule here: a
+    cut that would start the conversation on an assistant turn moves on to the next user
+    message, when one comes before the last message, because chat templates that insist on
+    user/assistant alternation (Gemma's, Mistral's) refuse a conversation that starts with
+    the assistant; Ollama renders with its own templates, which do not. The last entry keeps
+    only the system messages and the last message; none when nothing can be dropped.
+    """
+    last = len(messages) - 1
+    if last < 1:
+        return []
+    roles = [m.get("role") for m in messages]
+    before = [0] * (last + 2)  # before[i]: non-system messages ahead of index i
+    for i, role in enumerate(roles):
+        before[i + 1] = before[i] + (role != "system")
+    next_user: list[int | None] = [None] * (last + 2)  # the first user message at index >= i
+    for i in range(last, -1, -1):
+        next_user[i] = i if roles[i] == "user" else next_user[i + 1]
+    cuts: set[int] = set()
+    for i in range(1, last + 1):
+        start = _tool_block_start(roles, messages, i)
+        user = next_user[start + 1] if roles[start] == "assistant" and start < last else None
+        if user is not None:
+            start = user
+        if before[start]:
+            cuts.add(before[start])
+    return sorted(cuts)
+
+
+def drop_oldest(messages: Sequence[Mapping[str, Any]], drop: int) -> list[Mapping[str, Any]]:
+    """`messages` without the `drop` oldest non-system ones."""
+    out = []
+    for m in messages:
+        if drop and m.get("role") != "system":
+            drop -= 1
+            continue
+        out.append(m)
+    return out
+
+
+@dataclass
+class ContextFit:
+    """How many messages a chat that vLLM found too long must lose, from token counts.
+
+    The caller asks `probe` for the next cut to count (a value of `cuts`: vLLM's /tokenize on
+    the chat with that many messages dropped, `chat_tokenize_call`) and passes the count to
+    `record`, until `probe` says None; then `drop` is the number of messages to drop, or None
+    if nothing fits. The deepest cut is counted first: if the system messages and the last
+    message leave no room for a token, nothing fits (one count). Otherwise the fewest messages
+    are dropped such that the prompt and the answer's room fit, found by bisection (a shorter
+    conversation has fewer tokens): 1 + ceil(log2(len(cuts))) counts in all. The answer's room
+    is the request's max_tokens, else `ANSWER_ROOM` (a quarter of a smaller context), never
+    more than the deepest cut leaves.
+    """
+
+    cuts: Sequence[int]
+    max_tokens: int | None = None
+    limit: int | None = None
+    """The context length; each /tokenize answer says it too (``max_model_len``)."""
+    room: int = 0
+    """Tokens kept free for the answer, once the deepest cut is counted."""
+    drop: int | None = None
+    done: bool = False
+    _lo: int = 0
+    _hi: int = -1
+    _asked: int = -1
+
+    def probe(self) -> int | None:
+        if self.done:
+            return None
+        if not self.cuts:
+            self.done = True
+            return None
+        if self._hi < 0:
+            self._asked = len(self.cuts) - 1
+        elif self._lo >= self._hi:
+            self.drop = self.cuts[self._hi]
+            self.done = True
+            return None
+        else:
+            self._asked = (self._lo + self._hi) // 2
+        return self.cuts[self._asked]
+
+    def record(self, count: int, limit: int | None = None) -> None:
+        """The token count of the cut `probe` asked for (and the context, when the answer says it)."""
+        if limit:
+            self.limit = limit
+        if self.limit is None:
+            self.done = True
+            return
+        if self._hi < 0:
+            if count >= self.limit:
+                self.done = True  # not even the last message alone leaves room for a token
+                return
+            want = self.max_tokens or min(ANSWER_ROOM, max(1, self.limit // 4))
+            self.room = max(1, min(want, self.limit - count))
+            self._lo, self._hi = 0, len(self.cuts) - 1
+        elif count + self.room <= self.limit:
+            self._hi = self._asked
+        else:
+            self._lo = self._asked + 1
+
+
+def chat_tokenize_call(chat: UpstreamCall, drop: int) -> UpstreamCall:
+    """The /tokenize call counting `chat`'s prompt with its `drop` oldest messages dropped,
+    rendered as /v1/chat/completions renders it (same template switches, tools, effort)."""
+    b = chat.body
+    body: dict[str, Any] = {"model": b["model"], "messages": drop_oldest(b["messages"], drop)}
+    for key in ("add_generation_prompt", "continue_final_message", "tools"):
+        if key in b:
+            body[key] = b[key]
+    kwargs = dict(b.get("chat_template_kwargs") or {})
+    if b.get("reasoning_effort") is not None:
+        kwargs.setdefault("reasoning_effort", b["reasoning_effort"])  # vLLM passes it to the template
+    if kwargs:
+        body["chat_template_kwargs"] = kwargs
+    return UpstreamCall("/tokenize", body)
+
+
+def truncated_chat(chat: UpstreamCall, drop: int) -> UpstreamCall:
+    """`chat` with its `drop` oldest non-system messages (and their images) left out."""
+    return UpstreamCall(chat.path, {**chat.body, "messages": drop_oldest(chat.body["messages"], drop)})
 
 
 # --- embeddings -------------------------------------------------------------------

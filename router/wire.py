@@ -142,6 +142,8 @@ class ChatRequest(NullIsUnset, omit_defaults=True):
     think: Think = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    truncate: bool | None = None
+    """False: a conversation too long for the context is a 400 rather than losing its oldest messages."""
 
 
 class EmbedRequest(NullIsUnset, omit_defaults=True):

@@ -12,7 +12,10 @@ talks real HTTP to it. Tests script the next answers with ``fake.push(...)``;
 without a script, a generation answers "w0 w1 …" with one token per word,
 honouring ``max_tokens`` (finish ``length``) or stopping after `DEFAULT_TOKENS`.
 Every request is recorded (``fake.requests``) so tests can assert on the exact
-body the router sent.
+body the router sent. With ``max_model_len`` set, a generation whose prompt (one
+token per word, plus one) does not leave room for a token is refused with vLLM's
+400 and its words, ``max_tokens`` is cut to the room left, as vLLM does, and
+/tokenize counts the same way.
 """
 
 from __future__ import annotations
@@ -89,8 +92,11 @@ def slow(n: int, delay: float) -> Script:
 class FakeVLLM:
     """A fake vLLM OpenAI server on 127.0.0.1 (``start()`` / ``stop()``, or a context manager)."""
 
-    def __init__(self, model: str = "fake:latest", port: int | None = None, names: tuple[str, ...] = ()) -> None:
+    def __init__(self, model: str = "fake:latest", port: int | None = None, names: tuple[str, ...] = (),
+                 max_model_len: int | None = None) -> None:
         self.model = model
+        self.max_model_len = self._max_model_len = max_model_len
+        """The context length to enforce (None: none; /v1/models and /tokenize then say 1024)."""
         self.names = {model, *names}
         """Every served name it answers to (several registry entries may point at one fake)."""
         self.port = port or _free_port()
@@ -118,6 +124,7 @@ class FakeVLLM:
         self.scripts.clear()
         self.disconnects = 0
         self.healthy = True
+        self.max_model_len = self._max_model_len
 
     def last(self, path: str | None = None) -> dict[str, Any]:
         """The body of the last request (to `path`)."""
@@ -168,7 +175,8 @@ class FakeVLLM:
         if method == "GET" and path == "/v1/models":
             return await self._json(send, 200, {"object": "list", "data": [
                 {"id": name, "object": "model", "created": int(time.time()), "owned_by": "vllm",
-                 "root": "/models/fake", "parent": None, "max_model_len": 1024} for name in sorted(self.names)]})
+                 "root": "/models/fake", "parent": None, "max_model_len": self.max_model_len or 1024}
+                for name in sorted(self.names)]})
         if method == "GET" and path == "/metrics":
             text = f'vllm:num_requests_running{{engine="0",model_name="{self.model}"}} {float(self.running)}\n'
             return await self._raw(send, 200, text.encode(), b"text/plain")
@@ -181,6 +189,10 @@ class FakeVLLM:
             return await self._json(send, 404, _error_body(
                 f"The model `{req.get('model')}` does not exist. Valid aliases: {self.model}.", "NotFoundError", 404,
                 "model"))
+        if path in ("/v1/chat/completions", "/v1/completions"):
+            refusal = self._too_long(req)
+            if refusal is not None:  # vLLM refuses it while rendering: no script is used up
+                return await self._json(send, 400, refusal)
         script = self.scripts.popleft() if self.scripts else Script()
         if script.status >= 400:
             return await self._json(send, script.status, _error_body(
@@ -194,8 +206,8 @@ class FakeVLLM:
             return await self._json(send, 200, self._embeddings(req, script))
         if path == "/tokenize":
             tokens = [1] + [100 + i for i in range(len(_prompt_words(req)))]
-            return await self._json(send, 200, {"count": len(tokens), "max_model_len": 1024, "tokens": tokens,
-                                                "token_strs": None})
+            return await self._json(send, 200, {"count": len(tokens), "max_model_len": self.max_model_len or 1024,
+                                                "tokens": tokens, "token_strs": None})
         if path == "/v1/messages":
             return await self._anthropic(send, req)
         return await self._json(send, 404, {"detail": "Not Found"})
@@ -210,17 +222,38 @@ class FakeVLLM:
 
     # --- generation ---------------------------------------------------------------------
 
+    def _too_long(self, req: dict[str, Any]) -> dict[str, Any] | None:
+        """vLLM 0.32's refusal of a prompt that leaves no room for a token (None if it fits)."""
+        limit = self.max_model_len
+        if limit is None:
+            return None
+        n = len(_prompt_words(req)) + 1
+        if n > limit:  # renderers/params.py, _token_len_check
+            return _error_body(f"This model's maximum context length is {limit} tokens. However, your prompt "
+                               f"contains {n} input tokens, which exceeds this limit even without any output "
+                               f"tokens. Please reduce the length of the input prompt. "
+                               f"(parameter=input_tokens, value={n})", "BadRequestError", 400, "input_tokens")
+        if n == limit:  # get_max_tokens leaves 0, which SamplingParams refuses
+            return _error_body("max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)",
+                               "BadRequestError", 400, "max_tokens")
+        return None
+
     def _plan(self, req: dict[str, Any], script: Script) -> tuple[list[str], str]:
         if script.tokens is not None:
             return script.tokens, script.finish_reason or "stop"
         max_tokens = req.get("max_tokens") or req.get("max_completion_tokens")
         n = max_tokens or DEFAULT_TOKENS
+        cut = bool(max_tokens)
+        if self.max_model_len is not None:  # vLLM cuts max_tokens to the room the prompt leaves
+            room = self.max_model_len - len(_prompt_words(req)) - 1
+            if n >= room:
+                n, cut = room, True
         tokens = [f"w{i} " for i in range(n)]
         for stop in req.get("stop") or ():
             for i, tok in enumerate(tokens):
                 if stop.strip() and stop.strip() == tok.strip():
                     return tokens[:i], "stop"
-        return tokens, "length" if max_tokens else "stop"
+        return tokens, "length" if cut else "stop"
 
     async def _generate(self, send: Any, receive: Any, req: dict[str, Any], script: Script, chat: bool) -> None:
         tokens, finish = self._plan(req, script)

@@ -28,6 +28,8 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                            "required": ["city"]}}}
 
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+
 
 @pytest.fixture(scope="module")
 def fake() -> Iterator[FakeVLLM]:
@@ -237,6 +239,125 @@ def test_a_final_assistant_message_is_continued(client: ollama.Client, fake: Fak
     assert not {"continue_final_message", "add_generation_prompt"} & set(fake.last())
 
 
+@pytest.fixture
+def limited(client: ollama.Client, fake: FakeVLLM) -> Iterator[FakeVLLM]:
+    """The fake enforcing a 512-token context, as "plain" is served with."""
+    fake.max_model_len = 512
+    yield fake
+    fake.max_model_len = None
+
+
+def long_chat(turns: int, words: int, last: int = 20, system: int = 10) -> list[dict[str, Any]]:
+    """A conversation of `turns` user/assistant exchanges of `words` words each (the fake counts
+    one token per word, plus one for the whole prompt), then a user message of `last` words."""
+    def say(tag: str, n: int) -> str:
+        return " ".join([tag] + ["w"] * (n - 1))
+
+    messages = [{"role": "system", "content": say("sys", system)}]
+    for i in range(turns):
+        messages += [{"role": "user", "content": say(f"u{i}", words)},
+                     {"role": "assistant", "content": say(f"a{i}", words)}]
+    return [*messages, {"role": "user", "content": say("last", last)}]
+
+
+def tags(messages: list[dict[str, Any]]) -> list[str]:
+    return [m["content"].split()[0] if isinstance(m["content"], str) else m["content"][0]["text"].split()[0]
+            for m in messages]
+
+
+def sent(fake: FakeVLLM, path: str) -> list[dict[str, Any]]:
+    return [body for p, body in fake.requests if p == path]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_chat_too_long_for_the_context_loses_its_oldest_messages(client: ollama.Client, limited: FakeVLLM,
+                                                                   stream: bool) -> None:
+    """As Ollama's chatPrompt: the oldest messages go (whole turns; their images with them), system
+    messages and the last message stay. Only a refused request pays: here vLLM refuses, the router
+    counts a few cuts with /tokenize and sends the shortest loss that fits, once."""
+    fake = limited
+    messages = long_chat(turns=10, words=60)  # 10 + 1200 + 20 words: far more than 512
+    messages[1]["images"] = [PNG]
+    answer = client.chat(model="plain", messages=messages, stream=stream)
+    if stream:
+        answer = list(answer)[-1]
+    assert answer.done and answer.done_reason == "stop"
+    chats, counts = sent(fake, "/v1/chat/completions"), sent(fake, "/tokenize")
+    assert len(chats) == 2 and tags(chats[0]["messages"]) == tags(messages)  # refused, then the retry
+    # room for the answer: a quarter of the 512-token context (no num_predict) → prompt <= 384:
+    # 1 + 10 + 20 + 2 * 60 * 2 = 271 with two turns kept; a third would make 391
+    assert tags(chats[1]["messages"]) == ["sys", "u8", "a8", "u9", "a9", "last"]
+    assert answer.prompt_eval_count == 271
+    assert not any(isinstance(m["content"], list) for m in chats[1]["messages"])  # the image went with u0
+    assert 1 <= len(counts) <= 1 + 4  # the deepest cut, then bisection over 10 cuts
+    assert tags(counts[0]["messages"]) == ["sys", "last"]
+    assert all(body["model"] == "plain:latest" for body in counts)
+    # num_predict is the answer's room when the client sets it
+    fake.requests.clear()
+    answer = client.chat(model="plain", messages=messages, stream=stream, options={"num_predict": 300})
+    if stream:
+        answer = list(answer)[-1]
+    assert answer.eval_count == 300 and answer.prompt_eval_count <= 512 - 300
+    assert tags(sent(fake, "/v1/chat/completions")[-1]["messages"]) == ["sys", "u9", "a9", "last"]
+
+
+def test_a_chat_that_cannot_fit_is_ollamas_400(client: ollama.Client, router: RouterThread,
+                                                limited: FakeVLLM) -> None:
+    """Even the system messages and the last message are too long: Ollama's words, 400, before any
+    output (streamed or not). ``truncate: false`` asks for that rather than losing messages."""
+    fake = limited
+    too_long = long_chat(turns=2, words=20, last=600)
+    for stream in (True, False):
+        fake.requests.clear()
+        r = post(router, "/api/chat", {"model": "plain", "messages": too_long, "stream": stream})
+        assert (r.status_code, r.json()) == (400, {"error": "the input length exceeds the context length"})
+        assert len(sent(fake, "/tokenize")) == 1 and len(sent(fake, "/v1/chat/completions")) == 1
+    fake.requests.clear()
+    r = post(router, "/api/chat", {"model": "plain", "messages": too_long[-1:]})  # nothing to drop: no count
+    assert (r.status_code, r.json()) == (400, {"error": "the input length exceeds the context length"})
+    assert [p for p, _ in fake.requests] == ["/v1/chat/completions"]
+    fake.requests.clear()
+    r = post(router, "/api/chat", {"model": "plain", "messages": long_chat(10, 60), "truncate": False})
+    assert (r.status_code, r.json()) == (400, {"error": "the input length exceeds the context length"})
+    assert [p for p, _ in fake.requests] == ["/v1/chat/completions"]
+    # a prompt exactly as long as the context leaves no room for a token: vLLM refuses it too
+    fake.requests.clear()
+    exact = long_chat(turns=2, words=100, last=101)
+    assert sum(len(m["content"].split()) for m in exact) + 1 == 512
+    assert client.chat(model="plain", messages=exact).done
+    assert len(sent(fake, "/v1/chat/completions")) == 2
+
+
+def test_when_counting_fails_vllms_refusal_is_the_answer(client: ollama.Client, limited: FakeVLLM) -> None:
+    fake = limited
+    fake.push(error(500, "tokenizer broke"))  # the fake refuses the chat without using a script
+    with pytest.raises(ollama.ResponseError) as e:
+        client.chat(model="plain", messages=long_chat(10, 60))
+    assert e.value.status_code == 400
+    assert e.value.error.startswith("This model's maximum context length is 512 tokens. However, your prompt "
+                                    "contains 1231 input tokens")
+    assert [p for p, _ in fake.requests] == ["/v1/chat/completions", "/tokenize"]
+
+
+def test_other_refusals_and_generate_are_not_truncated(client: ollama.Client, router: RouterThread,
+                                                       limited: FakeVLLM) -> None:
+    """Only a refusal for the context's length starts a count; /api/generate has no messages to drop
+    (Ollama's generate drops none the client sent either): vLLM's refusal is the answer."""
+    fake = limited
+    fake.push(error(400, "Conversation roles must alternate user/assistant/user/assistant/..."))
+    with pytest.raises(ollama.ResponseError, match="roles must alternate"):
+        client.chat(model="plain", messages=long_chat(2, 5))
+    assert [p for p, _ in fake.requests] == ["/v1/chat/completions"]
+    fake.requests.clear()
+    r = post(router, "/api/generate", {"model": "plain", "prompt": " ".join(["w"] * 600), "stream": False})
+    assert r.status_code == 400 and r.json()["error"].startswith("This model's maximum context length is 512")
+    assert [p for p, _ in fake.requests] == ["/v1/chat/completions"]
+    # the normal path: no count, one call
+    fake.requests.clear()
+    assert client.chat(model="plain", messages=long_chat(2, 20)).done
+    assert [p for p, _ in fake.requests] == ["/v1/chat/completions"]
+
+
 def test_chat_tool_call_round_trip(client: ollama.Client, fake: FakeVLLM) -> None:
     """The tiny model never calls tools: the fake streams a call as vLLM's hermes parser does."""
     fake.push(tool_calls({"name": "get_weather", "arguments": '{"city": "Tokyo"}', "id": "chatcmpl-tool-abc"}))
@@ -355,8 +476,23 @@ def test_wrong_types_name_the_field(router: RouterThread) -> None:
     assert r.status_code == 400 and "role" in r.json()["error"]
     r = post(router, "/api/generate", {"model": "smart", "prompt": "x", "keep_alive": "300"})
     assert r.json() == {"error": 'time: missing unit in duration "300"'}
-    r = post(router, "/api/generate", {"model": "smart", "prompt": "x", "options": {"num_ctx": 999999}})
-    assert r.status_code == 400 and "num_ctx 999999 exceeds" in r.json()["error"]
+
+
+def test_num_ctx_above_the_served_context_is_clamped_with_one_warning(router: RouterThread, fake: FakeVLLM,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Ollama clamps num_ctx to what the model supports and logs it; the request never fails for it.
+    Clients send their num_ctx with every request: one warning per model and value, then debug."""
+    fake.reset()
+    caplog.set_level("DEBUG", logger="vllama.service")
+    for path, body in [("/api/generate", {"model": "smart", "prompt": "x"}),
+                       ("/api/chat", {"model": "smart", "messages": [{"role": "user", "content": "x"}]})] * 2:
+        r = post(router, path, {**body, "stream": False, "options": {"num_ctx": 999999, "num_predict": 5}})
+        assert r.status_code == 200 and r.json()["done"], r.text
+        sent = fake.last()
+        assert "num_ctx" not in json.dumps(sent) and sent["max_tokens"] == 5  # nothing vLLM would refuse
+    notes = [rec for rec in caplog.records if "num_ctx 999999" in rec.getMessage()]
+    assert [rec.levelname for rec in notes] == ["WARNING", "DEBUG", "DEBUG", "DEBUG"]
+    assert "1024" in notes[0].getMessage() and "max_model_len" in notes[0].getMessage()
 
 
 def test_not_found_and_not_supported(client: ollama.Client, router: RouterThread) -> None:

@@ -191,11 +191,22 @@ def test_options_vllm_cannot_honour_are_accepted_and_ignored() -> None:
     assert set(ignored) - {"some_future_option"} <= t.IGNORED_OPTIONS | {"use_mmap"}
 
 
-def test_num_ctx_above_the_served_context_is_a_clear_400() -> None:
-    assert opts(num_ctx=1024) == {}
-    assert opts(num_ctx=512) == {}
-    with pytest.raises(TranslationError, match=r"num_ctx 8192 exceeds the context length m is served with \(1024\)"):
-        opts(num_ctx=8192)
+def test_num_ctx_above_the_served_context_is_clamped_not_refused() -> None:
+    """Ollama clamps num_ctx to what the model supports; vLLM's context is fixed when serving,
+    so nothing of num_ctx reaches vLLM whatever its value."""
+    for n in (512, 1024, 8192, 10**9):
+        assert opts(num_ctx=n) == {}
+        assert t.chat_request(chat(messages=[{"role": "user", "content": "x"}], options={"num_ctx": n}), M).body \
+            == t.chat_request(chat(messages=[{"role": "user", "content": "x"}]), M).body
+
+    def size(n: int) -> int | None:
+        return t.oversized_num_ctx(msgspec.convert({"num_ctx": n}, wire.Options), M)
+
+    assert (size(512), size(1024), size(1025), size(10**9)) == (None, None, 1025, 10**9)
+    assert t.oversized_num_ctx(None, M) is None
+    assert t.oversized_num_ctx(msgspec.convert({"num_ctx": 10**9}, wire.Options), EMBEDDER) is None  # unknown
+    with pytest.raises(TranslationError, match='option "num_ctx" is out of range'):
+        opts(num_ctx=1e30)  # not an int Ollama's decoder reads: still refused
 
 
 @pytest.mark.parametrize(("option", "value"), [("temperature", -1), ("top_p", 1.5), ("min_p", 2),
@@ -522,6 +533,158 @@ def test_every_translated_response_parses_with_the_ollama_clients_models() -> No
         ollama.ChatResponse.model_validate({**c, "created_at": t.rfc3339()})
     for c in lines(t.GenerateStream("m", Timing(0), want_context=True), sse("chat_lp.sse")):
         ollama.GenerateResponse.model_validate({**c, "created_at": t.rfc3339()})
+
+
+# --- context overflow: dropping a chat's oldest messages ---------------------------------------
+
+VLLM_TOO_LONG = ("This model's maximum context length is 1024 tokens. However, your prompt contains 1500 input "
+                 "tokens, which exceeds this limit even without any output tokens. Please reduce the length of "
+                 "the input prompt. (parameter=input_tokens, value=1500)")
+
+
+def test_vllms_context_refusals_are_recognised() -> None:
+    """vLLM 0.32's words (renderers/params.py, serve/utils/api_utils.get_max_tokens, SamplingParams)."""
+    assert t.context_overflow(400, VLLM_TOO_LONG)
+    assert t.context_overflow(400, "This model's maximum context length is 1024 tokens. However, your prompt "
+                                   "contains 90000 characters (more than 30720 characters, which is the upper "
+                                   "bound for 1024 input tokens). Please reduce the length of the input prompt.")
+    assert t.context_overflow(400, "Input length (1500) exceeds model's maximum context length (1024).")
+    assert t.context_overflow(400, "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)")
+    assert not t.context_overflow(400, "max_tokens must be at least 1, got -1.")
+    assert not t.context_overflow(400, "Conversation roles must alternate user/assistant/user/assistant/...")
+    assert not t.context_overflow(500, VLLM_TOO_LONG)
+    assert not t.context_overflow(404, "The model `x` does not exist.")
+
+
+def msgs(*roles: str) -> list[dict[str, Any]]:
+    """OpenAI messages: ``a*`` is an assistant turn with tool calls; each content names its place."""
+    out: list[dict[str, Any]] = []
+    for i, r in enumerate(roles):
+        m: dict[str, Any] = {"role": "assistant" if r == "a*" else r, "content": f"{r}{i}"}
+        if r == "a*":
+            m["tool_calls"] = [{"id": f"c{i}", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+        out.append(m)
+    return out
+
+
+def kept(messages: list[dict[str, Any]], drop: int) -> list[str]:
+    return [m["content"] for m in t.drop_oldest(messages, drop)]
+
+
+def test_truncation_cuts_keep_system_messages_and_the_last_message() -> None:
+    chat_ = msgs("system", "user", "assistant", "user", "assistant", "user")
+    assert t.truncation_cuts(chat_) == [2, 4]  # whole turns: a cut never starts on the assistant
+    assert kept(chat_, 2) == ["system0", "user3", "assistant4", "user5"]
+    assert kept(chat_, 4) == ["system0", "user5"]
+    # system messages anywhere stay, in their place
+    chat_ = msgs("user", "assistant", "system", "user", "assistant", "user")
+    assert t.truncation_cuts(chat_) == [2, 4]
+    assert kept(chat_, 2) == ["system2", "user3", "assistant4", "user5"]
+    assert kept(chat_, 4) == ["system2", "user5"]
+    # nothing to drop
+    assert t.truncation_cuts(msgs("user")) == []
+    assert t.truncation_cuts(msgs("system", "user")) == []
+    assert t.truncation_cuts(msgs("system", "system", "user")) == []
+    assert t.truncation_cuts([]) == []
+    # a prefill (last message the assistant's) stays, even alone
+    chat_ = msgs("user", "assistant", "user", "assistant")
+    assert t.truncation_cuts(chat_) == [2, 3]
+    assert kept(chat_, 3) == ["assistant3"]
+    # images go with their message
+    with_image = [{"role": "user", "content": [{"type": "text", "text": "see"},
+                                               {"type": "image_url", "image_url": {"url": "data:,"}}]},
+                  {"role": "assistant", "content": "a cat"}, {"role": "user", "content": "and now?"}]
+    assert t.drop_oldest(with_image, t.truncation_cuts(with_image)[0]) == [with_image[2]]
+
+
+def test_truncation_never_parts_tool_results_from_their_call() -> None:
+    """Ollama's toolBlockStartIndex: a cut at a tool result moves back to the call."""
+    agent = msgs("system", "user", "a*", "tool", "a*", "tool", "tool")
+    assert t.truncation_cuts(agent) == [1, 3]
+    assert kept(agent, 1) == ["system0", "a*2", "tool3", "a*4", "tool5", "tool6"]
+    assert kept(agent, 3) == ["system0", "a*4", "tool5", "tool6"]  # the last block whole, with its call
+    # with a user turn after it, a tool block goes whole, and the cut starts on the user
+    chat_ = msgs("user", "a*", "tool", "assistant", "user", "assistant", "user")
+    assert t.truncation_cuts(chat_) == [4, 6]
+    assert kept(chat_, 4) == ["user4", "assistant5", "user6"]
+    # a tool result without a call before it (as a client sent it) may lead
+    assert t.truncation_cuts(msgs("user", "tool", "tool")) == [1, 2]
+
+
+def fit(sizes: list[int], roles: list[str], limit: int, max_tokens: int | None = None,
+        overhead: int = 3) -> tuple[int | None, int, list[int]]:
+    """Run `ContextFit` against a counter: `overhead` + the sizes of the messages kept."""
+    messages = [{"role": r, "content": str(n)} for r, n in zip(roles, sizes, strict=True)]
+    search = t.ContextFit(t.truncation_cuts(messages), max_tokens, limit)
+    probes = []
+    while (drop := search.probe()) is not None:
+        probes.append(drop)
+        search.record(overhead + sum(int(m["content"]) for m in t.drop_oldest(messages, drop)), limit)
+    return search.drop, search.room, probes
+
+
+def test_context_fit_drops_the_fewest_messages_that_leave_room_for_the_answer() -> None:
+    roles = ["system"] + ["user", "assistant"] * 10 + ["user"]
+    sizes = [50] + [100] * 20 + [40]  # 50 + 2000 + 40 + 3
+    # the answer's room: max_tokens when asked …
+    drop, room, probes = fit(sizes, roles, limit=1000, max_tokens=300)
+    assert room == 300 and drop == 14  # 3 + 50 + 6*100 + 40 = 693 <= 700; one turn more would be 893
+    assert len(probes) <= 1 + math.ceil(math.log2(10)) and probes[0] == 20  # the deepest cut first
+    # … else ANSWER_ROOM, a quarter of a smaller context …
+    assert fit(sizes, roles, limit=1000)[:2] == (14, 250)
+    assert fit(sizes, roles, limit=100_000)[:2] == (2, t.ANSWER_ROOM)
+    # … never more than the deepest cut leaves
+    drop, room, probes = fit(sizes, roles, limit=120, max_tokens=500)
+    assert (drop, room) == (20, 27) and len(probes) <= 5
+    # not even the system messages and the last message leave a token: one count, no fit
+    assert fit(sizes, roles, limit=93) == (None, 0, [20])
+    assert fit(sizes, roles, limit=94)[0] == 20
+    # nothing to drop: no count at all
+    assert fit([5000], ["user"], limit=1000) == (None, 0, [])
+
+
+def test_context_fit_finds_what_a_linear_search_finds() -> None:
+    import random
+
+    rng = random.Random(7)
+    for _ in range(300):
+        n = rng.randint(1, 40)
+        roles = [rng.choice(["user", "assistant", "system", "user", "assistant", "tool"]) for _ in range(n)]
+        sizes = [rng.randint(0, 200) for _ in range(n)]
+        limit, max_tokens = rng.randint(1, 3000), rng.choice([None, rng.randint(1, 2000)])
+        messages = [{"role": r, "content": str(s)} for r, s in zip(roles, sizes, strict=True)]
+        cuts = t.truncation_cuts(messages)
+        drop, room, probes = fit(sizes, roles, limit, max_tokens)
+        count = {k: 3 + sum(int(m["content"]) for m in t.drop_oldest(messages, k)) for k in cuts}
+        assert len(probes) <= (1 + math.ceil(math.log2(len(cuts))) if cuts else 0)
+        if not cuts or count[cuts[-1]] >= limit:
+            assert drop is None
+            continue
+        assert room == max(1, min(max_tokens or min(t.ANSWER_ROOM, max(1, limit // 4)), limit - count[cuts[-1]]))
+        assert drop == next(k for k in cuts if count[k] + room <= limit)
+
+
+def test_the_count_and_the_retry_render_the_chat_as_it_was() -> None:
+    req = chat(messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "a"},
+                         {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+               tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+               think="high", format="json", options={"num_predict": 7, "temperature": 0.1})
+    call = t.chat_request(req, THINKER)
+    before = json.dumps(call.body)
+    tok = t.chat_tokenize_call(call, 2)
+    assert tok.path == "/tokenize"
+    assert tok.body == {"model": "q:latest", "messages": [call.body["messages"][0], call.body["messages"][3]],
+                        "tools": call.body["tools"],
+                        "chat_template_kwargs": {"enable_thinking": True, "thinking": True,
+                                                 "reasoning_effort": "high"}}
+    retry = t.truncated_chat(call, 2)
+    assert retry.path == "/v1/chat/completions"
+    assert retry.body == {**call.body, "messages": tok.body["messages"]}
+    assert json.dumps(call.body) == before  # the original call is left as it was
+    prefill = t.chat_request(chat(messages=[{"role": "user", "content": "a"},
+                                            {"role": "assistant", "content": "b"}]), M)
+    tok = t.chat_tokenize_call(prefill, 1)
+    assert (tok.body["continue_final_message"], tok.body["add_generation_prompt"]) == (True, False)
 
 
 # --- embeddings ---------------------------------------------------------------------------------

@@ -211,13 +211,26 @@ def test_every_option_family_is_accepted_by_vllm(client: ollama.Client) -> None:
         "frequency_penalty": 0.3, "num_ctx": 1024, "num_gpu": 1, "num_thread": 2, "mirostat": 0,
         "num_batch": 8, "num_keep": 4, "use_mmap": True, "tfs_z": 1.0})
     assert r.done and r.eval_count <= 6
-    with pytest.raises(ollama.ResponseError) as e:
-        client.generate(model="tiny-b", prompt="x", options={"num_ctx": 4096})
-    assert e.value.status_code == 400 and "raise max_model_len" in e.value.error
+    # More context than the model is served with: used as far as it goes, as Ollama clamps it.
+    assert client.generate(model="tiny-b", prompt="x", options={"num_ctx": 4096, "num_predict": 2}).done
     greedy = client.generate(model="tiny-b", prompt="repeat", options={"temperature": 0, "num_predict": 30})
     penalised = client.generate(model="tiny-b", prompt="repeat", options={"temperature": 0, "num_predict": 30,
                                                                           "repeat_penalty": 2.0})
     assert greedy.response != penalised.response  # repetition_penalty reached the sampler
+
+
+def test_a_chat_longer_than_the_context_loses_its_oldest_messages(client: ollama.Client, server: Server) -> None:
+    """As Ollama: the system message and the latest message stay, the oldest turns go (tiny-a: 1024 tokens)."""
+    turn = " ".join(["weather sunny breeze tomorrow clouds"] * 30)
+    history = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"{i} {turn}"} for i in range(20)]
+    messages = [{"role": "system", "content": "be brief"}, *history, {"role": "user", "content": "and now?"}]
+    r = client.chat(model="tiny-a", messages=messages, options={"temperature": 0, "num_predict": 4})
+    assert r.done and r.eval_count == 4
+    assert 0 < r.prompt_eval_count <= 1024 - 4  # the rest of the conversation fitted beside the answer
+    whole = httpx.post(server.url + "/api/chat", timeout=120, json={
+        "model": "tiny-a", "messages": messages, "stream": False, "truncate": False,
+        "options": {"num_predict": 4}})
+    assert whole.status_code == 400 and "exceeds the context length" in whole.json()["error"]
 
 
 def test_think_on_a_model_without_reasoning(client: ollama.Client) -> None:
