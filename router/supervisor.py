@@ -302,12 +302,14 @@ class Supervisor:
         return sup
 
     def alive(self) -> bool:
+        """Whether supervisord still runs: our child's exit status, or (attached) one call on a
+        connection of its own, since the shared one may be in use by a call on a worker thread."""
         if self.process is not None:
             return self.process.poll() is None
         try:
-            self._call_sync("supervisor.getState")
+            self._make_proxy().supervisor.getState()
             return True
-        except (OSError, xmlrpc.client.Fault):
+        except (OSError, xmlrpc.client.Error, http.client.HTTPException):
             return False
 
     # RPC

@@ -29,6 +29,9 @@ Decisions worth knowing (each one is tested in tests/test_translate.py):
   template's thinking switch on (``enable_thinking``/``thinking``; levels also
   set ``reasoning_effort``), false turns it off and drops any reasoning text.
   Unset means on for such a model, as in Ollama.
+* ``raw``, a request ``template`` and ``context`` go to vLLM's completions API (text or
+  token ids): images are refused there (400) rather than dropped, and a thinking model's
+  reasoning stays in ``response`` (that API has no reasoning parser).
 * A chat whose last message is the assistant's, with content, continues that
   message (vLLM's ``continue_final_message``) rather than starting a new turn.
 * A chat too long for the context (vLLM refuses it: `context_overflow`) loses its
@@ -310,6 +313,11 @@ def _check_generate(req: wire.GenerateRequest, target: Target) -> None:
         raise TranslationError("raw mode does not support template, system, or context")
     if req.suffix:
         raise TranslationError(f'"{target.shown}" does not support insert')
+    if req.images and (req.raw or req.template or req.context):
+        # These go to vLLM's completions API as text or token ids, which carry no image.
+        raise TranslationError("images cannot be sent with raw, template or context: "
+                               "send them without those, or through /api/chat")
+    _think(req.think, target)  # a bad or unsupported `think` is refused on every path
 
 
 def _generate_messages(req: wire.GenerateRequest) -> list[dict[str, Any]]:

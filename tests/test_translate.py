@@ -104,6 +104,16 @@ def test_raw_refuses_template_system_and_context() -> None:
             t.generate_request(gen(prompt="x", raw=True, **extra), M)
 
 
+def test_the_completions_paths_refuse_what_they_cannot_carry() -> None:
+    png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5ErkJggg=="
+    for extra in ({"raw": True}, {"template": "{{ .Prompt }}"}, {"context": [1, 2]}):
+        with pytest.raises(TranslationError, match="images cannot be sent with raw, template or context"):
+            t.generate_request(gen(prompt="x", images=[png], **extra), M)
+        with pytest.raises(TranslationError, match="does not support thinking"):
+            t.generate_request(gen(prompt="x", think=True, **extra), M)
+    assert t.generate_request(gen(prompt="x", images=[png]), M).path == "/v1/chat/completions"
+
+
 def test_request_template_is_rendered_and_sent_to_completions() -> None:
     call = t.generate_request(gen(prompt="hi", system="sys", stream=False,
                                   template="{{ if .System }}S:{{ .System }}\n{{ end }}U:{{ .Prompt }}\nA:{{ .Response }}"),
