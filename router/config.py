@@ -69,7 +69,8 @@ class Server(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     state_dir: str | None = None
     """Where supervisord's socket, config, pid files and logs live."""
     cold_start_timeout: PosFloat = 600.0
-    """Seconds a request waits for a model that is starting before it gets 503."""
+    """Seconds a request waits for a model that is starting before it gets 503, and the most
+    a launched vLLM may take to be ready (then it is stopped, failed: starts go one at a time)."""
     shutdown_grace: NonNegFloat = 30.0
     """Seconds in-flight requests get to finish on SIGTERM before vLLM is stopped (0: none)."""
     max_body_mb: PosFloat = 64.0
