@@ -73,6 +73,29 @@ def frozen(pid: int) -> Iterator[None]:
                 p.resume()
 
 
+@contextlib.contextmanager
+def held_stream(server_url: str, model: str, path: str, body: dict[str, Any]) -> Iterator[BackgroundStream]:
+    """A streamed request to `model` that is still at its vLLM, frozen (`frozen`) for the block.
+
+    The stream's first line can reach a lagging client (a busy machine) only after vLLM has
+    written the whole answer into socket buffers, and then nothing is left in flight to hold:
+    such a try is let run out and the request sent again.
+    """
+    def model_info() -> dict[str, Any]:
+        return httpx.get(f"{server_url}/vllama/models/{model}", timeout=10).json()
+
+    for _ in range(5):
+        t = BackgroundStream(server_url + path, body)
+        assert t.started.wait(60), t
+        with frozen(model_info()["pid"]):
+            time.sleep(0.5)  # a router with the rest of an answer in hand relays it by then
+            if model_info()["inflight"]:
+                yield t
+                return
+        t.join(120)
+    raise AssertionError(f"no request to {model} could be held in flight at its vLLM")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

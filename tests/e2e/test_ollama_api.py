@@ -340,7 +340,7 @@ def test_errors(server: Server, client: ollama.Client) -> None:
     r = post("/api/generate", b"{not json")
     assert r.status_code == 400 and r.json()["error"].startswith("invalid JSON")
     r = post("/api/generate", b'{"model": "tiny-a", "prompt": 5}')
-    assert (r.status_code, r.json()) == (400, {"error": "prompt: Expected `str`, got `int`"})
+    assert (r.status_code, r.json()) == (400, {"error": "prompt: Expected `str | null`, got `int`"})
     assert post("/api/chat", b'{"messages": []}').json() == {"error": "model is required"}
     with pytest.raises(ollama.ResponseError) as e:
         client.generate(model="missing-model", prompt="x")

@@ -13,7 +13,7 @@ import psutil
 import pytest
 import yaml
 
-from .harness import BackgroundStream, Server, free_port, frozen, state_processes, write_config
+from .harness import Server, free_port, held_stream, state_processes, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -174,11 +174,9 @@ def test_removing_a_model_drains_then_stops_it(editable: Server) -> None:
     pid = status(editable)["r3:latest"]["pid"]
     applied = editable.log_path.read_text().count("reload applied")  # type: ignore[union-attr]
     # ignore_eos keeps the random test model from stopping early.
-    t = BackgroundStream(editable.url + "/v1/completions", {
-        "model": "r3", "prompt": "story", "max_tokens": 3000, "ignore_eos": True, "stream": True,
-        "stream_options": {"include_usage": True}})
-    assert t.started.wait(60)
-    with frozen(pid):  # r3 cannot finish before the reload lands, however fast it is
+    body = {"model": "r3", "prompt": "story", "max_tokens": 3000, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with held_stream(editable.url, "r3", "/v1/completions", body) as t:  # r3 cannot finish before the reload lands
         edit(editable, lambda d: d.update(models=[m for m in d["models"] if m["name"] != "r3"]))
         # The reload applied, its supervisord update included (the log line comes after it).
         wait_until(lambda: editable.log_path.read_text().count("reload applied") > applied, timeout=30)  # type: ignore[union-attr]

@@ -10,7 +10,7 @@ import httpx
 import psutil
 import pytest
 
-from .harness import BackgroundStream, Server, free_port, frozen, state_processes, write_config
+from .harness import Server, free_port, held_stream, state_processes, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -45,12 +45,9 @@ def test_sigterm_lets_in_flight_requests_finish_then_leaves_nothing(tmp_path: Pa
 def _sigterm_with_a_request_in_flight(srv: Server) -> None:
     tree = {p.pid for p in srv.tree()}
     assert len(tree) >= 4  # vllama, supervisord, vLLM API server, EngineCore (+ worker)
-    pid = httpx.get(srv.url + "/vllama/models/solo", timeout=10).json()["pid"]
-    t = BackgroundStream(srv.url + "/api/chat", {
-        "model": "solo", "messages": [{"role": "user", "content": "go"}],
-        "options": {"num_predict": 3000, "temperature": 0}})
-    assert t.started.wait(60)
-    with frozen(pid):  # the request is still in flight when the SIGTERM comes, however fast the model
+    body = {"model": "solo", "messages": [{"role": "user", "content": "go"}],
+            "options": {"num_predict": 3000, "temperature": 0}}
+    with held_stream(srv.url, "solo", "/api/chat", body) as t:  # in flight when the SIGTERM comes
         srv.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
         while "Shutting down" not in srv.log() and time.monotonic() < deadline:
