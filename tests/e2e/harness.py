@@ -75,25 +75,24 @@ def frozen(pid: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def held_stream(server_url: str, model: str, path: str, body: dict[str, Any]) -> Iterator[BackgroundStream]:
-    """A streamed request to `model` that is still at its vLLM, frozen (`frozen`) for the block.
+    """A streamed request to `model` held in flight for the block: sent while its vLLM is
+    frozen (`frozen`), so that it waits for its first token until the block ends.
 
-    The stream's first line can reach a lagging client (a busy machine) only after vLLM has
-    written the whole answer into socket buffers, and then nothing is left in flight to hold:
-    such a try is let run out and the request sent again.
+    Freezing vLLM only once a first line had come let a lagging client (a full test run)
+    see that line after vLLM had written the whole answer into socket buffers: nothing was
+    left in flight to hold. The router counts the request as soon as it has it, frozen or not.
     """
-    def model_info() -> dict[str, Any]:
-        return httpx.get(f"{server_url}/vllama/models/{model}", timeout=10).json()
+    def inflight() -> int:
+        return httpx.get(f"{server_url}/vllama/models/{model}", timeout=10).json()["inflight"]
 
-    for _ in range(5):
+    pid = httpx.get(f"{server_url}/vllama/models/{model}", timeout=10).json()["pid"]
+    with frozen(pid):
         t = BackgroundStream(server_url + path, body)
-        assert t.started.wait(60), t
-        with frozen(model_info()["pid"]):
-            time.sleep(0.5)  # a router with the rest of an answer in hand relays it by then
-            if model_info()["inflight"]:
-                yield t
-                return
-        t.join(120)
-    raise AssertionError(f"no request to {model} could be held in flight at its vLLM")
+        deadline = time.monotonic() + 30
+        while not inflight():
+            assert time.monotonic() < deadline and t.is_alive(), t
+            time.sleep(0.05)
+        yield t
 
 
 def free_port() -> int:
