@@ -227,16 +227,24 @@ def parse_duration(value: str | float) -> float:
             raise ValueError('time: invalid duration "NaN"')
         return float("inf") if value < 0 else float(value)
     s = value.strip()
-    if s in ("0", ""):
+    if s == "":
         return 0.0
-    m = re.fullmatch(r"(-?)((?:\d+(?:\.\d+)?(?:ns|us|µs|ms|s|m|h))+)", s)
-    if not m:
-        if re.fullmatch(r"-?\d+(\.\d+)?", s):
+    # Go's time.ParseDuration: an optional sign, then one or more number+unit pairs
+    # ("+5m", "1h30m", ".5s", "2.s"); ASCII digits only; "0" alone needs no unit.
+    sign, body = (s[0], s[1:]) if s[0] in "+-" else ("", s)
+    if body == "0":
+        return 0.0
+    number = r"(?:[0-9]+\.?[0-9]*|\.[0-9]+)"
+    if not re.fullmatch(rf"(?:{number}(?:{_UNITS}))+", body):
+        if re.fullmatch(number, body):
             raise ValueError(f'time: missing unit in duration "{s}"')
         raise ValueError(f'time: invalid duration "{s}"')
-    units = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-    total = sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", m.group(2)))
-    return float("inf") if m.group(1) else total
+    total = sum(float(n) * _SECONDS[u] for n, u in re.findall(rf"({number})({_UNITS})", body))
+    return float("inf") if sign == "-" and total > 0 else total
+
+
+_SECONDS = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_UNITS = "|".join(sorted(_SECONDS, key=len, reverse=True))  # "ms" before "m" and "s"
 
 
 # --- validation --------------------------------------------------------------

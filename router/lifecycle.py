@@ -199,8 +199,7 @@ def reap_group(pgid: int) -> None:
 
 def free_port(start: int, taken: set[int]) -> int:
     """The first port from `start` that is neither taken by the registry nor bound."""
-    port = start
-    while True:
+    for port in range(start, 65536):
         if port not in taken:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
                 try:
@@ -208,7 +207,7 @@ def free_port(start: int, taken: set[int]) -> int:
                     return port
                 except OSError:
                     pass
-        port += 1
+    raise OSError(f"no free port for a vLLM server from {start} to 65535: lower engine.base_port")
 
 
 class ReloadRejected(Exception):

@@ -18,6 +18,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Self
 
 import uvicorn
 import uvloop
@@ -74,8 +75,45 @@ def state_dir_for(config: Config, override: Path | None) -> Path:
     return supervisor.default_state_dir()
 
 
+class StopSignals:
+    """SIGTERM and Ctrl-C stop `vllama serve` at any point, through its cleanup.
+
+    Booting (supervisord, placement, the first starts) takes a while, and a signal then
+    must still stop us: it cancels the boot. While serving, uvicorn has handlers of its
+    own; it re-raises the signal once it returns, and landing here then lets the cleanup
+    run (the default SIGTERM action would kill us before it).
+    """
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self.server: uvicorn.Server | None = None
+        self.boot: asyncio.Future[None] | None = None
+        self._loop = asyncio.get_running_loop()
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> Self:
+        self._previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _on_signal(self, sig: int, _frame: object) -> None:
+        self.received.append(sig)
+        if self.server is not None:
+            self.server.should_exit = True
+        if self.boot is not None:
+            self._loop.call_soon_threadsafe(self.boot.cancel)  # a handler may interrupt the loop itself
+
+
 async def run(config: Config, opts: Options) -> int:
     keys = KeyStore.from_config(config.server.auth, config.base_dir)  # AuthError before anything starts
+    with StopSignals() as stop:
+        return await _serve(config, opts, keys, stop)
+
+
+async def _serve(config: Config, opts: Options, keys: KeyStore | None, stop: StopSignals) -> int:
     paths = Paths(state_dir_for(config, opts.state_dir))
     lock: int | None = None
     if opts.attach:
@@ -91,11 +129,10 @@ async def run(config: Config, opts: Options) -> int:
 
     s = config.server
     upstream = Upstream(Timeouts(s.connect_timeout, s.first_token_timeout, s.between_tokens_timeout))
-    server: uvicorn.Server | None = None
 
     def supervisor_lost() -> None:
-        if server is not None:
-            server.should_exit = True
+        if stop.server is not None:
+            stop.server.should_exit = True
 
     fleet = Fleet(config, sup, upstream, on_supervisor_lost=supervisor_lost)
     metrics = Metrics()
@@ -118,17 +155,22 @@ async def run(config: Config, opts: Options) -> int:
         timeout_graceful_shutdown=math.ceil(s.shutdown_grace),
         timeout_keep_alive=30,
     )
-    server = uvicorn.Server(uv)
-    # uvicorn re-raises the signal that stopped it once it returns; make that a
-    # no-op so the cleanup below runs (the default SIGTERM action would kill us).
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
+    server = stop.server = uvicorn.Server(uv)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(fleet.reload_file()))
     watcher = asyncio.create_task(watch_registry(fleet)) if s.watch and config.path else None
     try:
-        await fleet.start()
-        await server.serve()
+        if not stop.received:
+            stop.boot = asyncio.ensure_future(fleet.start())
+            try:
+                await stop.boot
+            except asyncio.CancelledError:
+                if not stop.received:  # we are cancelled ourselves
+                    raise
+        if stop.received:
+            log.info("stopped before serving (signal %d)", stop.received[0])
+        else:
+            await server.serve()
     finally:
         log.info("stopping models and supervisord")
         if watcher is not None:

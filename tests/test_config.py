@@ -115,14 +115,20 @@ def test_invalid_yaml_reports_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("value,seconds", [
     ("5m", 300), ("1h30m", 5400), ("0", 0), (0, 0), (10, 10), (2.5, 2.5), ("-1m", float("inf")), (-1, float("inf")),
-    ("250ms", 0.25),
+    ("250ms", 0.25), ("+5m", 300), (".5s", 0.5), ("2.s", 2), ("1h0.5m", 3630), ("1\u00b5s", 1e-6), ("-0", 0),
+    ("-0s", 0), ("+0", 0),
 ])
 def test_keep_alive_durations(value: object, seconds: float) -> None:
     assert parse_duration(value) == seconds
 
 
 @pytest.mark.parametrize("value,message", [("300", 'time: missing unit in duration "300"'),
-                                           ("soon", 'time: invalid duration "soon"')])
+                                           ("-3.5", 'time: missing unit in duration "-3.5"'),
+                                           ("soon", 'time: invalid duration "soon"'),
+                                           ("\u0663m", 'time: invalid duration "\u0663m"'),  # Arabic-Indic 3
+                                           (".m", 'time: invalid duration ".m"'),
+                                           ("+-5m", 'time: invalid duration "\\+-5m"'),
+                                           ("5M", 'time: invalid duration "5M"')])
 def test_keep_alive_errors_use_ollamas_wording(value: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_duration(value)

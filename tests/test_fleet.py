@@ -360,3 +360,11 @@ async def test_no_model_is_stopped_while_another_starts(tmp_path: Path, model_di
         assert b.state == State.READY and a.state == State.STOPPED
     finally:
         await fleet.close()
+
+
+def test_free_port_stops_at_the_last_port() -> None:
+    """Past 65535 a clear error, not bind()'s OverflowError."""
+    from router.lifecycle import free_port
+
+    with pytest.raises(OSError, match="no free port for a vLLM server from 65535 to 65535"):
+        free_port(65535, {65535})
