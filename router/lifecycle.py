@@ -261,7 +261,7 @@ class Fleet:
         self.config = config
         self.sup = sup
         self.upstream = upstream
-        self.inventory = inventory or (lambda: gpu.detect(config.engine.device))
+        self._inventory = inventory
         self.placements: dict[str, placement.Placement] = {}
         """Budget of each server that runs or is about to, by its program name."""
         self.on_supervisor_lost = on_supervisor_lost
@@ -306,6 +306,13 @@ class Fleet:
             n += 1
         rt.keep_alive = parse_duration(model.keep_alive)
         return rt
+
+    def inventory(self, config: Config | None = None) -> Inventory | HostMemory:
+        """What placement plans on, read now: GPUs (NVML) or host memory, for the engine
+        device of `config` (a reload's new registry may change it), else the current one."""
+        if self._inventory is not None:
+            return self._inventory()
+        return gpu.detect((config or self.config).engine.device)
 
     def programs(self) -> list[supervisor.Program]:
         out = []
@@ -914,7 +921,7 @@ class Fleet:
         return {"applied": False, "error": self.reload_error, "changes": None}
 
     def _plan_with(self, config: Config, models: list[Model], running: dict[str, placement.Placement]) -> placement.Plan:
-        return placement.plan(models, self.inventory(), reserve_gb=config.server.reserve_gb,
+        return placement.plan(models, self.inventory(config), reserve_gb=config.server.reserve_gb,
                               our_pids=self._our_pids(), running=running, facts=self._facts,
                               cpu_models=placement.cpu_models(config))
 

@@ -368,3 +368,25 @@ def test_free_port_stops_at_the_last_port() -> None:
 
     with pytest.raises(OSError, match="no free port for a vLLM server from 65535 to 65535"):
         free_port(65535, {65535})
+
+
+async def test_a_reload_plans_on_the_inventory_of_its_own_engine_device(tmp_path: Path, model_dir: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from router import lifecycle
+
+    asked: list[str] = []
+
+    def detect(device: str) -> HostMemory:
+        asked.append(device)
+        return HostMemory(64 * GIB, 64 * GIB, process_rss={})
+
+    monkeypatch.setattr(lifecycle.gpu, "detect", detect)
+    sup = Supervisord(tmp_path / "run")
+    fleet = Fleet(registry(model_dir, {"name": "a"}), sup, Health(sup))  # type: ignore[arg-type]
+    await fleet.start()
+    try:
+        assert asked == ["cpu"]
+        await fleet.reload(registry(model_dir, {"name": "a"}, engine={"device": "auto"}))
+        assert asked[1:] == ["auto"]  # not the device read at boot
+    finally:
+        await fleet.close()
