@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import msgspec
-from litestar import Response, Router, delete, get, post
+from litestar import Request, Response, Router, delete, get, post
 from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.response import Stream
 
@@ -112,11 +112,36 @@ async def model_status(fleet: Fleet, rt: Runtime, usage: Usage = _no_usage, *, t
     )
 
 
+async def _pull_unless_gone(request: Request[Any, Any, Any], events: AsyncIterator[Any]) -> None:
+    """Run a non-streamed pull to its end, unless the client goes away first: then close `events`,
+    which cancels the download (partial files stay), as a streamed pull does and as Ollama does
+    (its pull runs on the request's context). Raises the pull's PullError."""
+
+    async def drain() -> None:
+        async for _ in events:
+            pass
+
+    async def gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    pulling, watching = asyncio.ensure_future(drain()), asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait({pulling, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        pulling.cancel()
+        await asyncio.gather(pulling, watching, return_exceptions=True)
+    if pulling.cancelled():
+        raise ApiError(499, "client went away; pull again to resume")
+    pulling.result()
+
+
 def library_routes(fleet: Fleet) -> list[Any]:
     """``/api/pull`` and ``/api/delete``: the HF cache vLLM reads, in Ollama's shapes."""
 
     @post("/api/pull", status_code=200)
-    async def pull(data: JSONBody[wire.ModelRequest]) -> Response[Any] | Stream:
+    async def pull(data: JSONBody[wire.ModelRequest], request: Request[Any, Any, Any]) -> Response[Any] | Stream:
         name = data.target
         if not name:
             raise ApiError(400, "model is required")
@@ -132,8 +157,7 @@ def library_routes(fleet: Fleet) -> list[Any]:
             events = hub.pull_events(target.repo, target.revision)
             return Stream((_encode(ev) + b"\n" async for ev in events), media_type="application/x-ndjson")
         try:
-            async for _ in hub.pull_events(target.repo, target.revision, raise_errors=True):
-                pass
+            await _pull_unless_gone(request, hub.pull_events(target.repo, target.revision, raise_errors=True))
         except hub.PullError as e:
             raise ApiError(e.status, e.message) from None
         return Response({"status": "success"})
@@ -146,7 +170,7 @@ def library_routes(fleet: Fleet) -> list[Any]:
         model = fleet.config.lookup(name)
         if model is not None:
             rt = fleet.runtimes.get(model.name)
-            if rt is not None and rt.state not in (State.STOPPED, State.FAILED):
+            if rt is not None and rt.state not in (State.STOPPED, State.FAILED, State.MISSING):
                 raise ApiError(409, f'model "{model.name}" is {rt.state.value}; stop it first (`vllama stop {model.name}`)')
             if is_local_source(model.source):
                 raise ApiError(400, f'model "{model.name}" is a local directory ({fleet.config.source_path(model)}); '

@@ -839,7 +839,13 @@ def _download(p: PullPlan, env: HubEnv, emitter: _Emitter, workers: int) -> Pull
                 emitter.emit(Progress("file", f.path, f.digest, f.size, f.size))
         if todo:
             with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo))), thread_name_prefix="vllama-pull") as ex:
-                list(ex.map(run, todo))
+                try:
+                    list(ex.map(run, todo))
+                except BaseException:
+                    # Ctrl-C in `vllama pull` lands here, in the waiting thread: without this the
+                    # pool's shutdown would wait for every file in flight to download to its end.
+                    emitter.failed.set()
+                    raise
     except Exception as e:
         raise _hub_error(e, p.repo, p.revision, env) from e
     if errors:
@@ -959,6 +965,23 @@ def _looks_complete(snap: Path) -> bool:
     return any(snap.glob("*.safetensors")) or any(snap.glob("*.bin"))
 
 
+def _commit_of(storage: Path, rev: str) -> str | None:
+    """The commit `rev` names in the cache: itself if a hash, else its ref, else (no ref: a pull of
+    it is unfinished) the commit of its newest pending manifest; None when the cache knows nothing."""
+    if _COMMIT_RE.fullmatch(rev):
+        return rev
+    try:
+        return (storage / "refs" / rev).read_text().strip()
+    except OSError:
+        pass
+    pending = []
+    for m in (storage / _MANIFEST_DIR).glob("*.json"):
+        data = _read_manifest(storage, m.stem)
+        if data and data.get("revision") == rev:
+            pending.append((m.stat().st_mtime, m.stem))
+    return max(pending)[1] if pending else None
+
+
 def local_snapshot(source: str, revision: str | None = None) -> LocalModel | None:
     """What the cache (or a local directory `source`, already resolved with
     ``Config.source_path``) holds for a model; None when nothing.
@@ -984,25 +1007,9 @@ def local_snapshot(source: str, revision: str | None = None) -> LocalModel | Non
     storage = _storage(env.cache_dir, repo)
     if not storage.is_dir():
         return None
-    rev = revision or ref_rev or DEFAULT_REVISION
-    commit: str | None = None
-    if _COMMIT_RE.fullmatch(rev):
-        commit = rev
-    else:
-        try:
-            commit = (storage / "refs" / rev).read_text().strip()
-        except OSError:
-            commit = None
+    commit = _commit_of(storage, revision or ref_rev or DEFAULT_REVISION)
     if commit is None:
-        # No ref: maybe a pull of this revision is unfinished; its pending manifest says which commit.
-        pending = []
-        for m in (storage / _MANIFEST_DIR).glob("*.json"):
-            data = _read_manifest(storage, m.stem)
-            if data and data.get("revision") == rev:
-                pending.append((m.stat().st_mtime, m.stem))
-        if not pending:
-            return None
-        commit = max(pending)[1]
+        return None
     snap = storage / "snapshots" / commit
     manifest = _read_manifest(storage, commit)
     if not snap.is_dir() and manifest is None:
@@ -1033,44 +1040,54 @@ def delete(repo: str, revision: str | None = None, *, all_revisions: bool = Fals
 
     Goes through ``scan_cache_dir().delete_revisions(...)`` so blobs shared with another
     cached revision survive. `all_revisions` removes every cached revision of the repo.
-    Partial downloads and our manifest for the revision go too. PullError 404 when the
-    revision is not cached. Refusing while the model is running is the caller's job: this
-    module does not know what runs.
+    Partial downloads and our manifest for the revision go too, and so does an unfinished
+    pull on its own (no ref yet, maybe no ``snapshots/`` yet, which scan_cache_dir calls
+    corrupt and skips): ``local_snapshot`` shows it as a partial model, so it must be
+    deletable. PullError 404 when the revision is not cached. Refusing while the model is
+    running is the caller's job: this module does not know what runs.
     """
     env = hub_env()
     rev = revision or DEFAULT_REVISION
     storage = _storage(env.cache_dir, repo)
-    info = huggingface_hub.scan_cache_dir(env.cache_dir) if env.cache_dir.is_dir() else None
-    cached = next((r for r in (info.repos if info else ()) if r.repo_id == repo and r.repo_type == "model"), None)
-    if cached is None:
+    if not storage.is_dir():
         raise PullError(404, f"{repo} is not in the cache at {env.cache_dir}")
+    info = huggingface_hub.scan_cache_dir(env.cache_dir)
+    cached = next((r for r in info.repos if r.repo_id == repo and r.repo_type == "model"), None)
+    revisions = {r.commit_hash for r in cached.revisions} if cached else set()
+    pulls = {m.stem for m in (storage / _MANIFEST_DIR).glob("*.json")}
     if all_revisions:
-        commits = [r.commit_hash for r in cached.revisions]
+        commits = revisions | pulls
     else:
-        commit = rev if _COMMIT_RE.fullmatch(rev) else None
-        if commit is None:
-            try:
-                commit = (storage / "refs" / rev).read_text().strip()
-            except OSError:
-                commit = None
-        if commit is None or all(r.commit_hash != commit for r in cached.revisions):
+        commit = _commit_of(storage, rev)
+        if commit is None or commit not in revisions | pulls:
             raise PullError(404, f"{repo}@{rev} is not in the cache at {env.cache_dir}")
-        commits = [commit]
-    partial_bytes = 0
-    for commit in commits:
-        manifest = _read_manifest(storage, commit) or {}
-        for f in manifest.get("files", []):
-            etag = f.get("sha256") or f.get("blob_id")
-            part = storage / "blobs" / f"{etag}.incomplete" if etag else None
-            if part is not None and part.exists():
-                partial_bytes += part.stat().st_size
-                part.unlink(missing_ok=True)
-        _manifest_path(storage, commit).unlink(missing_ok=True)
-    assert info is not None
-    strategy = info.delete_revisions(*commits)
-    freed = strategy.expected_freed_size
-    strategy.execute()
-    return freed + partial_bytes
+        commits = {commit}
+    if not commits:
+        raise PullError(404, f"{repo} is not in the cache at {env.cache_dir}")
+    freed = sum(_forget_pull(storage, c) for c in commits)
+    if commits & revisions:
+        strategy = info.delete_revisions(*sorted(commits & revisions))
+        freed += strategy.expected_freed_size
+        strategy.execute()
+    if cached is None and storage.is_dir() and not any(storage.glob(f"{_MANIFEST_DIR}/*.json")) \
+            and not any(storage.glob("snapshots/*")):
+        # Nothing usable was ever linked: what is left (finished but unlinked blobs) is litter.
+        freed += sum(q.stat().st_size for q in storage.rglob("*") if q.is_file() and not q.is_symlink())
+        shutil.rmtree(storage, ignore_errors=True)
+    return freed
+
+
+def _forget_pull(storage: Path, commit: str) -> int:
+    """Remove our manifest of `commit` and the partial blobs it lists; return their bytes."""
+    freed = 0
+    for f in (_read_manifest(storage, commit) or {}).get("files", []):
+        etag = f.get("sha256") or f.get("blob_id")
+        part = storage / "blobs" / f"{etag}.incomplete" if etag else None
+        if part is not None and part.exists():
+            freed += part.stat().st_size
+            part.unlink(missing_ok=True)
+    _manifest_path(storage, commit).unlink(missing_ok=True)
+    return freed
 
 
 # --- CLI rendering -----------------------------------------------------------

@@ -15,12 +15,15 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import threading
 import time
 from collections import namedtuple
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from huggingface_hub import constants, hf_hub_download, snapshot_download
 from huggingface_hub import errors as hf_errors
@@ -31,8 +34,10 @@ from router.hub import Progress, PullError, ollama_status
 
 try:  # tests/ is not a package today; keep working if it becomes one
     from .fakehub import FakeHub
+    from .served import ServedRouter
 except ImportError:
     from fakehub import FakeHub
+    from served import ServedRouter
 
 REPO = "org/tiny"
 MODEL = f"{REPO}/model.safetensors"
@@ -381,6 +386,33 @@ def test_cancel_keeps_the_partial_for_the_next_pull(fake: FakeHub, tmp_path: Pat
     assert fake.overlaps(MODEL) == ranges[0][1] - kept <= 8 * CHUNK
 
 
+def test_ctrl_c_stops_the_download(fake: FakeHub, tmp_path: Path) -> None:
+    """Ctrl-C in `vllama pull` interrupts the main thread; the files in flight must stop too, not
+    run to their end while the thread pool is shut down (and the partial is kept for a resume)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    fake.delay(MODEL, 0.05)
+    main = threading.main_thread().ident
+    sent = threading.Event()
+
+    def on(ev: Progress) -> None:
+        if ev.file == "model.safetensors" and ev.completed >= 2 * CHUNK and not sent.is_set():
+            sent.set()
+            signal.pthread_kill(main, signal.SIGINT)
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            hub.pull(REPO, on_progress=on)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert not any(t.name.startswith("vllama-pull") for t in threading.enumerate())
+    fake._delay.clear()
+    fake.wait_idle()
+    assert fake.bytes_served(MODEL) < len(FILES["model.safetensors"]) // 2
+    partial = storage(tmp_path) / "blobs" / (hashlib.sha256(FILES["model.safetensors"]).hexdigest() + ".incomplete")
+    assert partial.stat().st_size >= 2 * CHUNK
+    assert not (storage(tmp_path) / "refs" / "main").exists()
+
+
 def test_corrupt_download_is_deleted(fake: FakeHub, tmp_path: Path) -> None:
     p = hub.plan(REPO)
     fake.repos[REPO].files["model.safetensors"].data = _weights(2 * 1024 * 1024, seed=1)  # changed behind our back
@@ -498,6 +530,32 @@ def test_delete_one_revision_keeps_shared_blobs(fake: FakeHub, tmp_path: Path) -
     assert not storage(tmp_path).exists()
 
 
+def test_delete_an_unfinished_pull(fake: FakeHub, tmp_path: Path) -> None:
+    """`vllama list` shows an interrupted pull as a partial model; `vllama rm` / /api/delete must
+    remove it (before any file was linked too, when scan_cache_dir calls the folder corrupt)."""
+    fake.drop(MODEL, after=1024 * 1024)
+    fake.fail(MODEL, status=503)
+    with pytest.raises(PullError):
+        hub.pull(REPO, workers=1)  # the small files are linked, the weights are half there
+    local = hub.local_snapshot(REPO)
+    assert local.state == "partial" and local.files >= 1
+    linked = sum(len(FILES[q.name]) for q in local.path.iterdir())
+    assert hub.delete(REPO) == 1024 * 1024 + linked
+    assert hub.local_snapshot(REPO) is None and not storage(tmp_path).exists()
+
+    fake.add_repo("org/weights", {"model.safetensors": FILES["model.safetensors"]})
+    fake.drop("org/weights/model.safetensors", after=1024 * 1024)
+    fake.fail("org/weights/model.safetensors", status=503)
+    with pytest.raises(PullError):
+        hub.pull("org/weights")  # nothing linked yet: no snapshots/ at all
+    assert hub.local_snapshot("org/weights").state == "partial"
+    assert hub.delete("org/weights") == 1024 * 1024
+    assert hub.local_snapshot("org/weights") is None and not storage(tmp_path, "org/weights").exists()
+    with pytest.raises(PullError) as e:
+        hub.delete("org/weights")
+    assert e.value.status == 404
+
+
 # --- local state -------------------------------------------------------------
 
 
@@ -551,6 +609,57 @@ async def test_closing_pull_events_cancels_the_download(fake: FakeHub, tmp_path:
     await asyncio.to_thread(fake.wait_idle)
     assert fake.bytes_served(MODEL) < len(FILES["model.safetensors"])
     assert not (storage(tmp_path) / "refs" / "main").exists()
+
+
+# --- the routes ----------------------------------------------------------------
+
+
+@pytest.fixture
+def served(fake: FakeHub) -> Iterator[ServedRouter]:
+    """The router with /api/pull and /api/delete, a Hub model `manual` (auto_pull off) in its registry."""
+    r = ServedRouter({"models": [{"name": "manual", "source": REPO, "auto_pull": False, "load": "on_demand"}]},
+                     admin=True).start()
+    yield r
+    r.stop()
+
+
+def test_api_delete_of_a_missing_model(fake: FakeHub, served: ServedRouter, tmp_path: Path) -> None:
+    """`missing` (not downloaded, or only partly) runs nothing: deleting its leftovers is no conflict."""
+    from router.lifecycle import State
+
+    fake.drop(MODEL, after=1024 * 1024)
+    fake.fail(MODEL, status=503)
+    with pytest.raises(PullError):
+        hub.pull(REPO)
+    rt = served.fleet.runtimes["manual:latest"]
+    served.call(served.fleet._set(rt, State.MISSING, "not downloaded"))
+    r = httpx.request("DELETE", served.url + "/api/delete", json={"model": "manual"})
+    assert r.status_code == 200, r.text
+    assert hub.local_snapshot(REPO) is None
+
+
+def test_api_pull_without_stream_stops_when_the_client_goes_away(fake: FakeHub, served: ServedRouter) -> None:
+    """As in Ollama (the pull runs on the request's context) and as a streamed pull here does."""
+    fake.delay(MODEL, 0.1)  # ~3 s for the weights
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(served.url + "/api/pull", json={"model": REPO, "stream": False}, timeout=0.8)
+    deadline = time.monotonic() + 10
+    while any(t.name.startswith("vllama-pull") for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    fake.wait_idle()
+    assert fake.bytes_served(MODEL) < len(FILES["model.safetensors"])
+    assert hub.local_snapshot(REPO).state == "partial"
+
+
+def test_api_pull_shapes(fake: FakeHub, served: ServedRouter) -> None:
+    r = httpx.post(served.url + "/api/pull", json={"model": "manual", "stream": False}, timeout=30)
+    assert r.status_code == 200 and r.json() == {"status": "success"}
+    lines = [json.loads(x) for x in httpx.post(served.url + "/api/pull", json={"model": "manual"}, timeout=30).text.splitlines()]
+    assert lines[0] == {"status": "pulling manifest"} and lines[-1] == {"status": "success"}
+    r = httpx.post(served.url + "/api/pull", json={"model": "org/missing", "stream": False}, timeout=30)
+    assert r.status_code == 404 and "not found" in r.json()["error"]
+    lines = [json.loads(x) for x in httpx.post(served.url + "/api/pull", json={"model": "org/missing"}, timeout=30).text.splitlines()]
+    assert lines[0] == {"status": "pulling manifest"} and lines[-1].keys() == {"error"}
 
 
 # --- CLI rendering -----------------------------------------------------------
