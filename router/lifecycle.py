@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -704,8 +705,12 @@ class Fleet:
                 log.info("%s: pulling %s: %s / %s", m.name, ev.file, hub.human_bytes(ev.completed or 0),
                          hub.human_bytes(ev.total or 0))
 
+        cancel = threading.Event()
         try:
-            await asyncio.to_thread(hub.pull, repo, m.revision or revision, on_progress=progress)
+            await asyncio.to_thread(hub.pull, repo, m.revision or revision, on_progress=progress, cancel=cancel)
+        except asyncio.CancelledError:
+            cancel.set()  # the download stops after its current chunk (partial files stay for a resume)
+            raise
         except hub.PullError as e:
             rt.wanted = False
             await self._set(rt, State.FAILED, f"download of {m.source} failed: {e.message}")

@@ -390,3 +390,28 @@ async def test_a_reload_plans_on_the_inventory_of_its_own_engine_device(tmp_path
         assert asked[1:] == ["auto"]  # not the device read at boot
     finally:
         await fleet.close()
+
+
+async def test_closing_the_fleet_cancels_an_auto_pull(tmp_path: Path, model_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A download runs in a thread: without being told, it would hold up the exit until it ended."""
+    import threading
+
+    from router import lifecycle
+
+    told = threading.Event()
+
+    def pull(repo: str, revision: str | None = None, *, on_progress: Any = None,
+             cancel: threading.Event | None = None) -> Path:
+        assert cancel is not None
+        cancel.wait(30)
+        told.set()
+        raise lifecycle.hub.PullError(499, "cancelled")
+
+    monkeypatch.setattr(lifecycle.hub, "local_snapshot", lambda *_: None)
+    monkeypatch.setattr(lifecycle.hub, "pull", pull)
+    fleet, _, _ = await fleet_of(registry(model_dir, {"name": "a", "source": "org/a"}), tmp_path)
+    a = fleet.runtimes["a:latest"]
+    await until(lambda: "downloading org/a" in a.reason)
+    await fleet.close()
+    assert await asyncio.to_thread(told.wait, 5)
