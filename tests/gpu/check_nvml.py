@@ -135,6 +135,9 @@ def main() -> int:
     gpus = inv.gpus()
     report["inventory"] = [asdict(g) for g in gpus]
     report["processes_before"] = [asdict(p) for p in inv.processes()]
+    report["unusable"] = inv.unusable  # e.g. GPUs in MIG mode, left out of the plan
+    for i, why in sorted(inv.unusable.items()):
+        print(f"GPU {i} left out: {why}")
     for g in gpus:
         print(
             f"GPU {g.index} {g.name} {g.uuid} bus {g.pci_bus_id}: total {g.total / GiB:.2f} GiB, "
