@@ -19,7 +19,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -308,12 +308,17 @@ class Fleet:
         rt.keep_alive = parse_duration(model.keep_alive)
         return rt
 
-    def inventory(self, config: Config | None = None) -> Inventory | HostMemory:
+    @contextlib.contextmanager
+    def inventory(self, config: Config | None = None) -> Iterator[Inventory | HostMemory]:
         """What placement plans on, read now: GPUs (NVML) or host memory, for the engine
-        device of `config` (a reload's new registry may change it), else the current one."""
-        if self._inventory is not None:
-            return self._inventory()
-        return gpu.detect((config or self.config).engine.device)
+        device of `config` (a reload's new registry may change it), else the current one.
+        NVML is initialised for each read and shut down after it."""
+        inv = self._inventory() if self._inventory is not None else gpu.detect((config or self.config).engine.device)
+        try:
+            yield inv
+        finally:
+            if isinstance(inv, gpu.NvmlInventory):
+                inv.close()
 
     def programs(self) -> list[supervisor.Program]:
         out = []
@@ -735,9 +740,10 @@ class Fleet:
         return gpu.process_tree(rt.pid for rt in self.runtimes.values() if rt.pid)
 
     def _plan(self, models: list[Model], running: dict[str, placement.Placement] | None = None) -> placement.Plan:
-        return placement.plan(models, self.inventory(), reserve_gb=self.config.server.reserve_gb,
-                              our_pids=self._our_pids(), running=running or {}, facts=self._facts,
-                              cpu_models=placement.cpu_models(self.config))
+        with self.inventory() as inv:
+            return placement.plan(models, inv, reserve_gb=self.config.server.reserve_gb,
+                                  our_pids=self._our_pids(), running=running or {}, facts=self._facts,
+                                  cpu_models=placement.cpu_models(self.config))
 
     async def _place(self, rt: Runtime) -> str | None:
         """Give `rt` its budget, evicting idle on-demand models if needed; None when placed.
@@ -755,10 +761,7 @@ class Fleet:
                        if r is not rt and not r.always and not r.remote and r.program in self.placements
                        and r.inflight == 0 and r.waiting == 0 and r.state != State.STARTING),
                       key=lambda r: r.last_used)
-        victims = await asyncio.to_thread(
-            placement.evictable, rt.model, self.inventory(), [r.program for r in idle],
-            running=dict(self.placements), reserve_gb=self.config.server.reserve_gb,
-            our_pids=self._our_pids(), facts=self._facts)
+        victims = await asyncio.to_thread(self._evictable, rt.model, [r.program for r in idle], dict(self.placements))
         if not victims:
             return problem
         by_program = {r.program: r for r in idle}
@@ -773,6 +776,11 @@ class Fleet:
             return None
         return "; ".join(plan.refused.get(rt.name, [])) or problem
 
+    def _evictable(self, model: Model, idle: list[str], running: dict[str, placement.Placement]) -> list[str] | None:
+        with self.inventory() as inv:
+            return placement.evictable(model, inv, idle, running=running, reserve_gb=self.config.server.reserve_gb,
+                                       our_pids=self._our_pids(), facts=self._facts)
+
     def memory(self, rt: Runtime) -> tuple[int | None, int | None, list[str]]:
         """(measured bytes, budget bytes, devices) for `vllama ps`."""
         p = self.placements.get(rt.program)
@@ -780,8 +788,9 @@ class Fleet:
             return None, None, []
         devices = [f"gpu{i}" for i in p.gpus] or [f"cpu {format_cpu_list(p.cpus)}" if p.cpus else "cpu"]
         if not rt.pid:
-            return None, p.budget_bytes * max(1, len(p.gpus)), devices
-        u = placement.usage(p, [rt.pid], self.inventory())
+            return None, p.total_budget, devices
+        with self.inventory() as inv:
+            u = placement.usage(p, [rt.pid], inv)
         return u.measured_bytes, u.budget_bytes, devices
 
     def _cannot_start(self, rt: Runtime) -> str | None:
@@ -926,9 +935,10 @@ class Fleet:
         return {"applied": False, "error": self.reload_error, "changes": None}
 
     def _plan_with(self, config: Config, models: list[Model], running: dict[str, placement.Placement]) -> placement.Plan:
-        return placement.plan(models, self.inventory(config), reserve_gb=config.server.reserve_gb,
-                              our_pids=self._our_pids(), running=running, facts=self._facts,
-                              cpu_models=placement.cpu_models(config))
+        with self.inventory(config) as inv:
+            return placement.plan(models, inv, reserve_gb=config.server.reserve_gb,
+                                  our_pids=self._our_pids(), running=running, facts=self._facts,
+                                  cpu_models=placement.cpu_models(config))
 
     async def _drain(self, rt: Runtime, timeout: float) -> None:
         deadline = time.monotonic() + timeout
