@@ -1,0 +1,458 @@
+"""The `vllama` command line as a user runs it: one-line errors and exit codes, never a traceback.
+
+Most tests talk to an `httpx.MockTransport` standing in for the server, so
+that a test can make it fail in ways a real router rarely does (a body cut mid-stream, a
+timeout, an error body that is not Ollama's); a few run against the real router on a thread
+(tests/served.py) with a FakeVLLM behind it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from click.testing import CliRunner, Result
+
+from router import cli
+
+try:  # tests/ is not a package today; keep working if it becomes one
+    from .fake_vllm import FakeVLLM
+    from .fakehub import FakeHub
+    from .served import ServedRouter
+except ImportError:
+    from fake_vllm import FakeVLLM
+    from fakehub import FakeHub
+    from served import ServedRouter
+
+REPO = Path(__file__).resolve().parent.parent
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def invoke(*args: str, input: str | None = None) -> Result:
+    return CliRunner().invoke(cli.cli, list(args), input=input)
+
+
+def assert_clean_error(result: Result, *needles: str) -> None:
+    """Exit 1 with one `error: ...` line on stderr that holds every needle; no traceback."""
+    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), result.exception
+    err = result.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    for n in needles:
+        assert n in err, err
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Callable[[Handler], None]:
+    """Point the CLI at a mock server: ``server(handler)``."""
+    monkeypatch.delenv("VLLAMA_API_KEY", raising=False)
+    monkeypatch.setenv("VLLAMA_HOST", "127.0.0.1:1")
+
+    real = httpx.Client
+
+    def use(handler: Handler) -> None:
+        def client(*args: Any, **kwargs: Any) -> httpx.Client:
+            return real(*args, **kwargs, transport=httpx.MockTransport(handler))
+
+        monkeypatch.setattr(httpx, "Client", client)
+
+    return use
+
+
+class _Body(httpx.SyncByteStream):
+    """A response body that sends `chunks`, then raises `error` (a connection cut, a Ctrl-C)."""
+
+    def __init__(self, chunks: list[bytes], error: BaseException) -> None:
+        self.chunks = chunks
+        self.error = error
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self.chunks
+        raise self.error
+
+
+def status(state: str, reason: str = "") -> dict[str, Any]:
+    return {"name": "m:latest", "state": state, "reason": reason}
+
+
+# --- the server address -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("host", "url"), [
+    ("127.0.0.1", "http://127.0.0.1:11434"),
+    ("box:8080", "http://box:8080"),
+    ("https://box", "https://box:11434"),
+    ("[::1]", "http://[::1]:11434"),
+    ("::1", "http://[::1]:11434"),
+    ("[::1]:9000", "http://[::1]:9000"),
+    ("http://proxy/vllama/", "http://proxy:11434/vllama"),
+    ("http://proxy:80/vllama", "http://proxy:80/vllama"),
+])
+def test_host_forms(host: str, url: str) -> None:
+    assert cli._base_url(host) == url
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:abc", "http://[::1", "ftp://box"])
+def test_bad_host_is_a_one_line_error(host: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLAMA_HOST", raising=False)
+    assert_clean_error(invoke("ps", "--host", host), "invalid server address", host)
+
+
+def test_server_not_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    from conftest import free_port
+
+    monkeypatch.setenv("VLLAMA_HOST", f"127.0.0.1:{free_port()}")
+    for args in (["ps"], ["ps", "--json"], ["list"], ["logs", "m"], ["start", "m"], ["reload"], ["run", "m", "hi"]):
+        r = invoke(*args)
+        assert_clean_error(r, "cannot reach vllama")
+        assert r.stdout == ""
+
+
+# --- errors from the server -------------------------------------------------------
+
+
+def test_long_error_stays_on_one_line(server: Callable[[Handler], None]) -> None:
+    """Piped stderr is 80 columns to rich: it wrapped long errors over several lines."""
+    message = "the new registry does not fit: " + "x" * 200
+    server(lambda req: httpx.Response(400, json={"error": message}))
+    assert_clean_error(invoke("reload"), message, "(HTTP 400)")
+
+
+def test_error_with_brackets_is_printed_as_is(server: Callable[[Handler], None]) -> None:
+    """A model name or vLLM message with `[/x]` in it raised rich's MarkupError."""
+    server(lambda req: httpx.Response(404, json={"error": 'model "[/x]" not found'}))
+    assert_clean_error(invoke("start", "[/x]"), 'model "[/x]" not found (HTTP 404)')
+
+
+@pytest.mark.parametrize("body", [b"[1, 2]", b'"busy"', b"<html>bad gateway</html>", b""])
+def test_error_body_that_is_not_ollamas(server: Callable[[Handler], None], body: bytes) -> None:
+    server(lambda req: httpx.Response(502, content=body))
+    assert_clean_error(invoke("ps"), "(HTTP 502)")
+
+
+def test_openai_shaped_error_shows_its_message(server: Callable[[Handler], None]) -> None:
+    server(lambda req: httpx.Response(500, json={"error": {"message": "engine died", "type": "x"}}))
+    assert_clean_error(invoke("ps"), "engine died (HTTP 500)")
+
+
+def test_missing_key_hints_at_the_variable(server: Callable[[Handler], None]) -> None:
+    server(lambda req: httpx.Response(401, json={"error": "missing or invalid API key"}))
+    assert_clean_error(invoke("ps"), "missing or invalid API key", "$VLLAMA_API_KEY")
+
+
+@pytest.mark.parametrize("error", [httpx.ReadTimeout("timed out"), httpx.RemoteProtocolError("peer closed"),
+                                   httpx.ReadError("reset")])
+def test_transport_error_before_the_answer(server: Callable[[Handler], None], error: httpx.HTTPError) -> None:
+    def fail(req: httpx.Request) -> httpx.Response:
+        raise error
+
+    server(fail)
+    assert_clean_error(invoke("ps"), "vllama at http://127.0.0.1:1")
+
+
+def test_logs_connection_cut_mid_stream(server: Callable[[Handler], None]) -> None:
+    """`logs -f` when the server goes away: what came, then one error line (was a traceback)."""
+    server(lambda req: httpx.Response(200, stream=_Body([b"line 1\n"], httpx.RemoteProtocolError("peer closed"))))
+    r = invoke("logs", "-f", "m")
+    assert r.stdout == "line 1\n"
+    assert_clean_error(r, "connection to vllama at http://127.0.0.1:1 lost")
+
+
+def test_run_connection_cut_mid_answer(server: Callable[[Handler], None]) -> None:
+    line = json.dumps({"message": {"role": "assistant", "content": "Hel"}, "done": False}).encode() + b"\n"
+    server(lambda req: httpx.Response(200, stream=_Body([line], httpx.ReadError("reset"))))
+    r = invoke("run", "m", "hi")
+    assert r.stdout.startswith("Hel")
+    assert_clean_error(r, "lost")
+
+
+# --- start / stop / restart ----------------------------------------------------------
+
+
+def test_start_that_ends_missing_exits_nonzero_without_waiting(server: Callable[[Handler], None],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """It polled until `ready` or `failed` only: a `missing` model kept it waiting 15 minutes."""
+    polls: list[int] = []
+
+    def sleep(_: float) -> None:
+        polls.append(1)
+        assert len(polls) < 10, "still polling a model that will not start"
+
+    monkeypatch.setattr(cli.time, "sleep", sleep)
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if req.method == "POST":
+            return httpx.Response(202, json=status("starting", "waiting for its turn"))
+        return httpx.Response(200, json=status("missing", "not downloaded: vllama pull m"))
+
+    server(handler)
+    r = invoke("start", "m")
+    assert r.exit_code == 1, r.output
+    assert "missing" in r.stdout and "vllama pull m" in r.stdout
+
+
+def test_start_gives_up_after_the_deadline(server: Callable[[Handler], None],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [0.0]
+    monkeypatch.setattr(cli.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(cli.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + 60))
+    server(lambda req: httpx.Response(202 if req.method == "POST" else 200, json=status("starting", "loading")))
+    r = invoke("start", "m", "--json")
+    assert r.exit_code == 1
+    assert json.loads(r.stdout)["state"] == "starting"  # --json: only JSON on stdout
+    assert "still starting" in r.stderr
+
+
+def test_start_ready_and_no_wait(server: Callable[[Handler], None], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli.time, "sleep", lambda s: None)
+    answers = iter([status("starting", "launching"), status("ready", "answers /health")])
+    server(lambda req: httpx.Response(200, json=next(answers)))
+    r = invoke("start", "m")
+    assert r.exit_code == 0 and r.stdout == "m:latest: ready (answers /health)\n"
+
+    server(lambda req: httpx.Response(202, json=status("starting", "launching")))
+    r = invoke("restart", "m", "--no-wait")
+    assert r.exit_code == 0 and r.stdout == "m:latest: starting (launching)\n"
+
+
+def test_stop_does_not_offer_waiting_for_ready() -> None:
+    """`stop --help` offered `--no-wait: return without waiting for ready`, which it ignored."""
+    assert "--no-wait" not in invoke("stop", "--help").stdout
+    assert "--no-wait" in invoke("start", "--help").stdout
+
+
+# --- tables ----------------------------------------------------------------------
+
+
+def test_ps_table_shows_reasons_with_brackets(server: Callable[[Handler], None],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FORCE_COLOR", "1")  # a terminal: the rich table, not tab-separated text
+    monkeypatch.setenv("COLUMNS", "300")
+    reason = "OSError: [Errno 98] in [/opt/vllm]"
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if req.url.path == "/vllama/config":
+            return httpx.Response(200, json={"path": "x", "reload_error": "bad [/y] file"})
+        return httpx.Response(200, json=[{**status("failed", reason), "devices": []}])
+
+    server(handler)
+    r = invoke("ps")
+    assert r.exit_code == 0, r.exception
+    assert "[Errno 98] in [/opt/vllm]" in r.stdout
+    assert "bad [/y] file" in r.stderr
+
+
+def test_list_shows_local_time(server: Callable[[Handler], None], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's times are UTC; the MODIFIED column showed them as if they were local."""
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        model = {"name": "m:latest", "digest": "abc", "size": 0, "download": "remote",
+                 "modified_at": "2026-01-02T23:30:00.5+00:00"}
+        server(lambda req: httpx.Response(200, json={"models": [model]}))
+        r = invoke("list")
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert r.exit_code == 0
+    assert r.stdout.splitlines()[1].split("\t")[-1] == "2026-01-03 08:30:00"
+
+
+# --- run ---------------------------------------------------------------------------
+
+
+def test_run_ctrl_c_stops_the_answer_and_keeps_the_session(server: Callable[[Handler], None],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Like `ollama run`: Ctrl-C during an answer returns to the prompt (it ended the session)."""
+    monkeypatch.setattr(cli, "_interactive", lambda: True)
+    line = json.dumps({"message": {"role": "assistant", "content": "Hel"}, "done": False}).encode() + b"\n"
+    bodies: list[dict[str, Any]] = []
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(req.content))
+        if len(bodies) == 1:
+            return httpx.Response(200, stream=_Body([line], KeyboardInterrupt()))
+        done = json.dumps({"message": {"role": "assistant", "content": "ok"}, "done": True}).encode()
+        return httpx.Response(200, content=done + b"\n")
+
+    server(handler)
+    r = invoke("run", "m", input="first\nsecond\n/bye\n")
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert "ok" in r.stdout
+    # The interrupted turn is not part of the conversation any more.
+    assert [m["content"] for m in bodies[1]["messages"]] == ["second"]
+
+
+# --- pull -------------------------------------------------------------------------
+
+
+def test_pull_names_the_unreadable_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a broken models.yaml, `pull NAME` said only that NAME is not in the registry."""
+    bad = tmp_path / "models.yaml"
+    bad.write_text("models: [{name: tiny, source: x, max_model_len: lots}]\n")
+    assert_clean_error(invoke("pull", "tiny", "--config", str(bad)),
+                       "not in the registry", "max_model_len: expected int")
+
+
+def test_pull_local_model_that_is_not_there(tmp_path: Path) -> None:
+    reg = tmp_path / "models.yaml"
+    reg.write_text("models: [{name: tiny, source: ./nowhere}]\n")
+    assert_clean_error(invoke("pull", "tiny", "--config", str(reg)), "does not exist")
+
+
+# `vllama pull ARGS` with huggingface_hub writing every 64 KiB rather than every 10 MiB (as it
+# does a real model's), so that a test sees the download progress, and stop, in a 4 MiB file.
+PULL_IN_SMALL_CHUNKS = """
+import sys
+from huggingface_hub import constants
+from router.cli import cli
+constants.DOWNLOAD_CHUNK_SIZE = 64 * 1024
+cli(["pull", *sys.argv[1:]])
+"""
+
+
+def test_pull_ctrl_c_stops_the_download_at_once(tmp_path: Path) -> None:
+    """Ctrl-C stops the download at once, keeps what came, and exits 130 (128 + SIGINT; it was 1,
+    as for any failure, so a script could not tell an interrupted pull from a failed one)."""
+    import random
+
+    with FakeHub() as h:
+        h.add_repo("org/slow", {"config.json": b'{"model_type": "llama"}',
+                                "model.safetensors": random.Random(0).randbytes(4 << 20)})
+        h.delay("org/slow/model.safetensors", 0.2)  # 64 chunks of 64 KiB: 13 s in all
+        env = {**os.environ, "HF_ENDPOINT": h.url, "HF_HUB_CACHE": str(tmp_path / "hub"),
+               "HF_HOME": str(tmp_path / "home"), "VLLAMA_CONFIG": str(tmp_path / "none.yaml")}
+        for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
+            env.pop(var, None)
+        p = subprocess.Popen([sys.executable, "-c", PULL_IN_SMALL_CHUNKS, "org/slow"], env=env, cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 30
+            while sum(f.stat().st_size for f in (tmp_path / "hub").rglob("*.incomplete")) < 256 << 10:
+                assert time.monotonic() < deadline and p.poll() is None, p.communicate()
+                time.sleep(0.05)
+            p.send_signal(signal.SIGINT)
+            sent = time.monotonic()
+            out, err = p.communicate(timeout=30)
+            took = time.monotonic() - sent
+        finally:
+            p.kill()
+        h.wait_idle()
+        served = h.bytes_served("org/slow/model.safetensors")
+    assert took < 4, f"{took:.1f} s after Ctrl-C; {served} bytes served"
+    assert served < 4 << 20
+    assert p.returncode == 130, (out, err)
+    assert "interrupted" in err and "Traceback" not in err
+    # The bytes received are kept: the next pull resumes from them.
+    assert any(f.stat().st_size for f in (tmp_path / "hub").rglob("*.incomplete"))
+
+
+# --- rm, check, dev -----------------------------------------------------------------
+
+
+def test_rm_without_server_resolves_registry_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no server, `rm llama3.2:3b` took the registry name for a repo id (and refused its tag)."""
+    from conftest import free_port
+
+    from router import hub
+
+    reg = tmp_path / "models.yaml"
+    reg.write_text("models: [{name: 'llama3.2:3b', source: meta-llama/Llama-3.2-3B-Instruct, revision: v1}]\n")
+    deleted: list[tuple[str, str | None]] = []
+
+    def delete(repo: str, revision: str | None = None) -> int:
+        deleted.append((repo, revision))
+        return 3 << 30
+
+    monkeypatch.setattr(hub, "delete", delete)
+    monkeypatch.setenv("VLLAMA_HOST", f"127.0.0.1:{free_port()}")
+    r = invoke("rm", "llama3.2:3b", "--config", str(reg))
+    assert r.exit_code == 0, r.output
+    assert deleted == [("meta-llama/Llama-3.2-3B-Instruct", "v1")]
+    assert "3.0 GiB freed" in r.stdout
+
+
+def test_check_default_registry() -> None:
+    r = invoke("check", "--config", str(REPO / "configs" / "models.yaml"))
+    assert r.exit_code == 0, r.output
+    assert ": 1 model\n" in r.stdout
+
+
+def test_check_bad_path_is_clean(tmp_path: Path) -> None:
+    r = invoke("check", "--config", str(tmp_path / "missing.yaml"))
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit)
+    assert "cannot read" in r.stderr
+
+
+def test_tiny_model_refuses_a_foreign_directory(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    assert_clean_error(invoke("dev", "tiny-model", str(tmp_path)), "--force")
+    assert (tmp_path / "notes.txt").exists()
+
+
+def test_every_option_has_help() -> None:
+    def walk(cmd: Any, path: list[str]) -> Iterator[tuple[str, Any]]:
+        for p in cmd.params:
+            yield " ".join(path), p
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, [*path, name])
+
+    missing = [f"{where} {p.name}" for where, p in walk(cli.cli, ["vllama"])
+               if p.param_type_name == "option" and not p.hidden and not p.help]
+    assert missing == []
+
+
+# --- against the real router -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def router() -> Iterator[ServedRouter]:
+    with FakeVLLM("plain:latest") as fake:
+        r = ServedRouter({"models": [{"name": "plain", "source": "/nonexistent/plain", "url": fake.url}]},
+                         admin=True).start()
+        yield r
+        r.stop()
+
+
+def test_real_router(router: ServedRouter, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLAMA_HOST", router.url)
+    monkeypatch.delenv("VLLAMA_API_KEY", raising=False)
+    r = invoke("ps", "--json")
+    assert r.exit_code == 0
+    assert [m["name"] for m in json.loads(r.stdout)] == ["plain:latest"]
+    r = invoke("list", "--json")
+    assert [m["name"] for m in json.loads(r.stdout)] == ["plain:latest"]
+    assert_clean_error(invoke("start", "nope"), 'model "nope" not found (HTTP 404)')
+    assert_clean_error(invoke("logs", "plain"), "vLLama does not control it (HTTP 400)")
+    r = invoke("run", "plain", "hi")
+    assert r.exit_code == 0 and r.stdout == "w0 w1 w2 \n"
+
+
+def test_ps_on_80_columns_keeps_name_and_state(server: Callable[[Handler], None],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every column was squeezed alike: `plai…` and no STATE column at all on 80 columns."""
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setenv("COLUMNS", "80")
+    row = {"name": "llama3.2:3b-instruct", "state": "restarting", "reason": "exited with 1: " + "x" * 60,
+           "uptime": 3600.0, "port": 8100, "pid": 4242, "devices": ["GPU 0", "GPU 1"], "memory_used": 20 << 30,
+           "memory_budget": 24 << 30, "vllm_running": 3, "vllm_waiting": 0, "queued": 0, "restarts": 2}
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if req.url.path == "/vllama/config":
+            return httpx.Response(200, json={"path": "x", "reload_error": None})
+        return httpx.Response(200, json=[row])
+
+    server(handler)
+    r = invoke("ps")
+    assert r.exit_code == 0
+    assert "llama3.2:3b-instruct" in r.stdout and "restarting" in r.stdout
