@@ -75,6 +75,23 @@ def state_dir_for(config: Config, override: Path | None) -> Path:
     return supervisor.default_state_dir()
 
 
+def http_config(app: Any, config: Config, opts: Options) -> uvicorn.Config:
+    """uvicorn as the API runs on it: httptools with deadlines for slow clients, uvloop, no access log."""
+    s = config.server
+    return uvicorn.Config(
+        app,
+        host=opts.host or s.host,
+        port=opts.port or s.port,
+        loop="uvloop",
+        http=limits.guarded_http(),
+        lifespan="off",
+        access_log=False,
+        log_level=opts.log_level,
+        timeout_graceful_shutdown=math.ceil(s.shutdown_grace),
+        timeout_keep_alive=30,
+    )
+
+
 class StopSignals:
     """SIGTERM and Ctrl-C stop `vllama serve` at any point, through its cleanup.
 
@@ -143,19 +160,7 @@ async def _serve(config: Config, opts: Options, keys: KeyStore | None, stop: Sto
                      max_body_bytes=int(s.max_body_mb * 1024 * 1024), auth=keys, max_inflight=s.max_inflight)
     warn_if_exposed(opts.host or s.host, keys)
 
-    uv = uvicorn.Config(
-        app,
-        host=opts.host or s.host,
-        port=opts.port or s.port,
-        loop="uvloop",
-        http=limits.guarded_http(),  # httptools, with deadlines for slow clients
-        lifespan="off",
-        access_log=False,
-        log_level=opts.log_level,
-        timeout_graceful_shutdown=math.ceil(s.shutdown_grace),
-        timeout_keep_alive=30,
-    )
-    server = stop.server = uvicorn.Server(uv)
+    server = stop.server = uvicorn.Server(http_config(app, config, opts))
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(fleet.reload_file()))
     watcher = asyncio.create_task(watch_registry(fleet)) if s.watch and config.path else None

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from router.config import parse
 from router.limits import BUSY, Gate, guarded_http
 from router.upstream import Timeouts, Upstream
 
@@ -475,9 +476,8 @@ def test_a_client_that_stops_reading_is_dropped(router: ServedRouter, fake: Stal
 
 
 def test_guarded_protocol_is_what_serve_uses() -> None:
-    import inspect
-
     from router import serve
 
-    assert "guarded_http()" in inspect.getsource(serve.run)
-    assert guarded_http().__name__ == "GuardedHttpToolsProtocol"
+    uv = serve.http_config(object(), parse({"models": []}), serve.Options())
+    assert isinstance(uv.http, type) and uv.http.__name__ == guarded_http().__name__ == "GuardedHttpToolsProtocol"
+    assert (uv.host, uv.port, uv.loop) == ("127.0.0.1", 11434, "uvloop")
