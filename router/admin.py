@@ -169,6 +169,8 @@ def library_routes(fleet: Fleet) -> list[Any]:
             raise ApiError(400, "model is required")
         model = fleet.config.lookup(name)
         if model is not None:
+            if model.url:
+                raise ApiError(400, f'model "{model.name}" is served by {model.url}; it has no files here')
             rt = fleet.runtimes.get(model.name)
             if rt is not None and rt.state not in (State.STOPPED, State.FAILED, State.MISSING):
                 raise ApiError(409, f'model "{model.name}" is {rt.state.value}; stop it first (`vllama stop {model.name}`)')

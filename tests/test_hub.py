@@ -691,3 +691,16 @@ def test_fakehub_speaks_hub_to_the_library(fake: FakeHub, tmp_path: Path) -> Non
         hf_hub_download(REPO, "config.json", revision="nope", endpoint=fake.url, cache_dir=tmp_path / "lib")
     with pytest.raises(hf_errors.RemoteEntryNotFoundError):
         hf_hub_download(REPO, "nope.json", endpoint=fake.url, cache_dir=tmp_path / "lib")
+
+
+def test_api_delete_of_a_remote_model_says_it_has_no_files_here(fake: FakeHub) -> None:
+    """Not "is ready; stop it first": a `url:` model cannot be stopped from here, and has no files here."""
+    hub.pull(REPO)
+    r = ServedRouter({"models": [{"name": "far", "source": REPO, "url": "http://127.0.0.1:9/v1"}]}, admin=True).start()
+    try:
+        resp = httpx.request("DELETE", r.url + "/api/delete", json={"model": "far"})
+        assert (resp.status_code, resp.json()) == (400, {"error": 'model "far:latest" is served by '
+                                                                   'http://127.0.0.1:9/v1; it has no files here'})
+        assert hub.local_snapshot(REPO) is not None  # the cache is left alone
+    finally:
+        r.stop()
