@@ -79,7 +79,7 @@ def check(config_path: str | None) -> None:
     from .lifecycle import Fleet
 
     cfg = _load(config_path)
-    out = Console()
+    out = Console(soft_wrap=True)  # a long path must not fold the status line
     n = len(cfg.models)
     out.print(f"[green]valid[/] {escape(str(cfg.path))}: {n} model{'' if n == 1 else 's'}", highlight=False)
     try:
@@ -103,7 +103,10 @@ def check(config_path: str | None) -> None:
             alone = placement.plan([m], inventory, reserve_gb=cfg.server.reserve_gb, running=plan.placements,
                                    facts=model_facts, cpu_models=share)
             problems += [f"{p} (on demand)" for p in alone.problems]
-    out.print(placement.render_plan_table(plan))
+    if out.is_terminal:
+        out.print(placement.render_plan_table(plan))
+    else:  # piped: plain text wide enough not to fold every row at 80 columns
+        click.echo(placement.format_plan(plan), nl=False)
     if problems:
         err = _stderr()
         err.print("[bold red]the plan does not fit:[/]")

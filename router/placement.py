@@ -1059,7 +1059,8 @@ def render_plan_table(plan: Plan) -> Any:
             where += " (running)"
         enforce = " ".join(p.vllm_args + [f"{k}={v}" for k, v in p.env.items() if k != "CUDA_DEVICE_ORDER"])
         need = "?" if p.need_bytes is None else gib(p.need_bytes, up=True)
-        mod.add_row(name, where, gib(p.budget_bytes), need, enforce, p.reason)
+        # Rounded as the need is: a default budget (= the need, 3.003 GiB) must not read "3" beside "3.1".
+        mod.add_row(name, where, gib(p.budget_bytes, up=p.need_bytes is not None), need, enforce, p.reason)
     for name, why in plan.refused.items():
         mod.add_row(f"[red]{name}[/red]", "[red]refused[/red]", "", "", "", "; ".join(why))
     for name, why in plan.skipped.items():

@@ -382,10 +382,22 @@ def test_rm_without_server_resolves_registry_names(tmp_path: Path, monkeypatch: 
     assert "3.0 GiB freed" in r.stdout
 
 
-def test_check_default_registry() -> None:
-    r = invoke("check", "--config", str(REPO / "configs" / "models.yaml"))
+def test_check_default_registry(tiny_model: Path, tmp_path: Path) -> None:
+    # The default registry, with its model where the test session wrote it (a fresh clone has none yet).
+    default = (REPO / "configs" / "models.yaml").read_text()
+    assert "source: ../models/tiny " in default
+    cfg = tmp_path / "models.yaml"
+    cfg.write_text(default.replace("source: ../models/tiny ", f"source: {tiny_model} "))
+    r = invoke("check", "--config", str(cfg))
     assert r.exit_code == 0, r.output
     assert ": 1 model\n" in r.stdout
+    # Piped: plain text, one line per model (rich folded every cell at 80 columns), and the
+    # budget rounded as the need is (a default budget is the need: not "3" beside "3.1").
+    row = next(line for line in r.stdout.splitlines() if line.startswith("│ tiny:latest"))
+    assert "VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND" in row
+    budget, needs = (c.strip() for c in row.split("│")[3:5])
+    assert float(budget) >= float(needs)
+    assert "\x1b[" not in r.stdout
 
 
 def test_check_bad_path_is_clean(tmp_path: Path) -> None:
