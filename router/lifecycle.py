@@ -280,6 +280,9 @@ class Fleet:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._monitor: asyncio.Task[None] | None = None
         self._closing = False
+        self.missing_check_interval = 5.0
+        """Seconds between looks for the files of missing `always` models (see `_start_downloaded`)."""
+        self._missing_checked = 0.0
         self.evictions = 0
         self.metrics: Metrics | None = None
         """Set by serve: starts, stops and evictions are counted there too."""
@@ -569,8 +572,23 @@ class Fleet:
             except Exception:  # never let the monitor die
                 log.exception("monitor error")
             self._expire_idle()
+            if time.monotonic() - self._missing_checked >= self.missing_check_interval:
+                self._missing_checked = time.monotonic()
+                with contextlib.suppress(Exception):  # a cache that cannot be read now is looked at again later
+                    await self._start_downloaded()
             busy = any(rt.state in (State.STARTING, State.RESTARTING) for rt in self.runtimes.values())
             await asyncio.sleep(0.25 if busy else 1.0)
+
+    async def _start_downloaded(self) -> None:
+        """Start each `always` model that was missing once its files are there, as boot would
+        have: `vllama pull` downloads in a process of its own (or files are copied into the
+        cache), and such a model must not wait for a first request to come up."""
+        missing = [rt for rt in self.runtimes.values()
+                   if rt.always and rt.state == State.MISSING and not rt.held and not rt.queued and not rt.remote]
+        for rt in missing:
+            if await asyncio.to_thread(self.model_dir, rt.model) is not None:
+                log.info("%s: its files are there now; starting it", rt.name)
+                await self.start_model(rt)
 
     # --- starting and stopping -----------------------------------------------------------
 

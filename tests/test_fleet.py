@@ -415,3 +415,32 @@ async def test_closing_the_fleet_cancels_an_auto_pull(tmp_path: Path, model_dir:
     await until(lambda: "downloading org/a" in a.reason)
     await fleet.close()
     assert await asyncio.to_thread(told.wait, 5)
+
+
+async def test_a_missing_always_model_starts_once_its_files_are_there(tmp_path: Path, model_dir: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`vllama pull` runs in a process of its own: the fleet notices the files, no request needed."""
+    from datetime import UTC, datetime
+
+    from router import lifecycle
+
+    pulled: list[bool] = []
+
+    def local_snapshot(source: str, revision: str | None = None) -> Any:
+        if not pulled:
+            return None
+        return lifecycle.hub.LocalModel(model_dir, 1, datetime.now(UTC), "0" * 40, complete=True)
+
+    monkeypatch.setattr(lifecycle.hub, "local_snapshot", local_snapshot)
+    cfg = registry(model_dir, {"name": "a", "source": "org/a", "auto_pull": False})
+    fleet, sup, _ = await fleet_of(cfg, tmp_path)
+    try:
+        a = fleet.runtimes["a:latest"]
+        await until(lambda: a.state == State.MISSING)
+        fleet.missing_check_interval = 0.05
+        await asyncio.sleep(0.3)
+        assert a.state == State.MISSING and not sup.started()  # no files, no start
+        pulled.append(True)
+        await until(lambda: a.program in sup.started())
+    finally:
+        await fleet.close()
