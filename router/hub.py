@@ -756,10 +756,16 @@ def _read_manifest(storage: Path, commit: str) -> dict[str, Any] | None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """Write `path` whole or not at all; no temporary file is left behind either way (one in
+    ``refs/`` makes ``scan_cache_dir`` call the whole repo corrupt)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _write_manifest(p: PullPlan, complete: bool) -> None:

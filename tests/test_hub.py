@@ -704,3 +704,15 @@ def test_api_delete_of_a_remote_model_says_it_has_no_files_here(fake: FakeHub) -
         assert hub.local_snapshot(REPO) is not None  # the cache is left alone
     finally:
         r.stop()
+
+
+def test_a_failed_atomic_write_leaves_no_temporary_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Disk full at the ref's write: a stray temp file in refs/ would make scan_cache_dir call the repo corrupt."""
+    def full(self: Path, *_: object, **__: object) -> int:
+        Path.write_bytes(self, b"par")  # some bytes made it
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    with pytest.raises(OSError, match="No space"):
+        hub._write_atomic(tmp_path / "refs" / "main", "0" * 40)
+    assert list((tmp_path / "refs").iterdir()) == []
