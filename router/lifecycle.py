@@ -574,8 +574,10 @@ class Fleet:
             self._expire_idle()
             if time.monotonic() - self._missing_checked >= self.missing_check_interval:
                 self._missing_checked = time.monotonic()
-                with contextlib.suppress(Exception):  # a cache that cannot be read now is looked at again later
+                try:
                     await self._start_downloaded()
+                except Exception:  # a cache that cannot be read now is looked at again later
+                    log.debug("looking for the files of missing models failed", exc_info=True)
             busy = any(rt.state in (State.STARTING, State.RESTARTING) for rt in self.runtimes.values())
             await asyncio.sleep(0.25 if busy else 1.0)
 
