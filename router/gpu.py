@@ -18,13 +18,19 @@ UUID entries (``GPU-…``, unique prefixes allowed, as CUDA does) are matched
 against NVML's UUIDs. MIG instances are not handled, so a GPU in MIG mode is
 left out (named in `NvmlInventory.unusable`, which the plan shows): NVML gives
 the parent's whole memory while a vLLM on it would get one instance's share,
-so every budget and utilization on it would be wrong.
+so every budget and utilization on it would be wrong. A GPU whose handle NVML
+refuses (lost, no permission) is left out the same way, with NVML's words,
+and the others are used.
 
 No driver, no library or no visible GPU is not an error in ``device: auto``:
 `detect` returns `HostMemory` (CPU mode) with a `reason` that says why, so the
 operator sees "CPU mode: NVML Shared Library Not Found" instead of a traceback.
 Once NVML works, a GPU that cannot be read (e.g. "GPU is lost") raises
 `GpuUnavailable` with NVML's words, which the planner turns into refusals.
+
+A server resolves ``auto`` once (`decide`) and keeps the `DeviceMode`: NVML
+failing later (a driver upgraded under it) gives a `NoGpu` inventory, i.e.
+refusals that say why, never a CPU plan on a GPU box.
 """
 
 from __future__ import annotations
@@ -80,6 +86,8 @@ class GpuUnavailable(RuntimeError):
 
 
 MIG_UNSUPPORTED = "MIG mode is on (MIG instances are not supported: turn MIG off or hide this GPU)"
+CANNOT_OPEN = "NVML cannot open it"
+"""Start of the `NvmlInventory.unusable` reason for a GPU whose handle NVML refuses; NVML's words follow."""
 
 
 # --- CUDA_VISIBLE_DEVICES ---------------------------------------------------
@@ -124,6 +132,15 @@ def _text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
+@dataclass(frozen=True)
+class _Device:
+    """What `NvmlInventory` keeps of a GPU NVML could open."""
+
+    handle: Any
+    uuid: str
+    name: str
+
+
 class NvmlInventory:
     """GPUs as NVML sees them, limited to those CUDA_VISIBLE_DEVICES leaves visible.
 
@@ -141,21 +158,42 @@ class NvmlInventory:
         self._closed = False
         try:
             count = nvml.nvmlDeviceGetCount()
-            handles = [nvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
-            uuids = [_text(nvml.nvmlDeviceGetUUID(h)) for h in handles]
+            opened = [self._open(i) for i in range(count)]
+            # A GPU NVML cannot open has no UUID to match: "" keeps the others' indices and matches no entry.
+            uuids = [d.uuid if isinstance(d, _Device) else "" for d in opened]
             self.cuda_visible_devices = env.get("CUDA_VISIBLE_DEVICES")
             visible = visible_indices(self.cuda_visible_devices, uuids)
-            self.unusable: dict[int, str] = {i: MIG_UNSUPPORTED for i in visible if self._mig_enabled(handles[i])}
-            """NVML index → why that visible GPU is left out of `gpus()`."""
+            self.unusable: dict[int, str] = {i: why for i in visible if (why := self._why_unusable(opened[i]))}
+            """NVML index → why that visible GPU is left out of `gpus()` (MIG mode, NVML cannot open it)."""
             self._visible = [i for i in visible if i not in self.unusable]
-            self._handles = {i: handles[i] for i in self._visible}
-            self._uuids = {i: uuids[i] for i in self._visible}
-            self._names = {i: _text(nvml.nvmlDeviceGetName(handles[i])) for i in self._visible}
-            self._bus = {i: self._pci_bus_id(handles[i]) for i in self._visible}
+            devices = {i: d for i in self._visible if isinstance(d := opened[i], _Device)}
+            self._handles = {i: d.handle for i, d in devices.items()}
+            self._uuids = {i: d.uuid for i, d in devices.items()}
+            self._names = {i: d.name for i, d in devices.items()}
+            self._bus = {i: self._pci_bus_id(d.handle) for i, d in devices.items()}
             self.device_count = count
         except BaseException:
             self.close()
             raise
+
+    def _open(self, index: int) -> _Device | str:
+        """GPU `index`'s handle, UUID and name, or NVML's words for why it cannot be opened.
+
+        One GPU NVML refuses (lost, no permission on its device file) must not take the
+        others with it: the caller leaves it out, named, as it does MIG-mode GPUs.
+        """
+        nvml = self.nvml
+        try:
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            return _Device(handle, _text(nvml.nvmlDeviceGetUUID(handle)), _text(nvml.nvmlDeviceGetName(handle)))
+        except nvml.NVMLError as e:
+            return f"{CANNOT_OPEN}: {e}"
+
+    def _why_unusable(self, device: _Device | str) -> str:
+        """Why a visible GPU is left out of `gpus()`, or "" when it is usable."""
+        if isinstance(device, str):
+            return device
+        return MIG_UNSUPPORTED if self._mig_enabled(device.handle) else ""
 
     def _mig_enabled(self, handle: Any) -> bool:
         """Whether MIG mode is on now; a GPU or driver without MIG says "Not Supported", i.e. no."""
@@ -401,39 +439,135 @@ def detect(
     ``auto``: GPU mode when NVML works and at least one GPU is visible, else CPU
     mode with the reason. ``gpu``: raises `GpuUnavailable` rather than silently
     running big models on the CPU. ``cpu``: never touches NVML. A GPU that NVML
-    lists but cannot read (lost, …) keeps GPU mode: in CPU mode vLLM would run
-    on the GPUs unconfined; the planner refuses the models with NVML's words.
+    lists but cannot open or read (lost, no permission, …) keeps GPU mode: in CPU
+    mode vLLM would run on the GPUs unconfined; the planner refuses the models
+    with NVML's words. Only a MIG-mode GPU counts as no GPU at all.
+
+    This resolves ``auto`` anew on every call: a server that reads its inventory
+    again and again resolves it once (`decide`) and then stays in that mode
+    (`DeviceMode.read`).
     """
     if device == "cpu":
         return HostMemory.read("engine.device is cpu")
     if device not in ("auto", "gpu"):
         raise ValueError(f"unknown device {device!r} (expected auto, gpu or cpu)")
-    try:
-        if nvml is None:
-            import pynvml as nvml
-        inv = NvmlInventory(nvml, environ=environ)
-    except ImportError as e:
-        reason = f"nvidia-ml-py is not installed ({e})"
-    except Exception as e:  # pynvml.NVMLError and its subclasses, or a fake's
-        if nvml is not None and not isinstance(e, getattr(nvml, "NVMLError", ())):
-            raise
-        reason = _nvml_failure(nvml, e)
-    else:
-        try:
-            if inv.gpus():
-                return inv
-        except GpuUnavailable:
-            return inv  # NVML works and has GPUs: GPU mode, whose planner refuses every model with NVML's words
-        inv.close()
-        if inv.unusable:
-            reason = "; ".join(f"GPU {i}: {why}" for i, why in sorted(inv.unusable.items()))
-        elif inv.device_count and inv.cuda_visible_devices is not None:
-            reason = f"CUDA_VISIBLE_DEVICES={inv.cuda_visible_devices!r} hides all {inv.device_count} GPUs"
-        else:
-            reason = "NVML sees no GPU"
+    opened = _open_nvml(nvml, environ)
+    reason = opened if isinstance(opened, str) else _why_not_gpu_mode(opened)
+    if isinstance(opened, NvmlInventory) and not reason:
+        return opened
     if device == "gpu":
         raise GpuUnavailable(f"engine.device is gpu but {reason}")
     return HostMemory.read(f"CPU mode: {reason}")
+
+
+def _open_nvml(nvml: Any | None, environ: Mapping[str, str] | None) -> NvmlInventory | str:
+    """NVML's inventory, or why NVML cannot start (not installed, no driver, driver unusable)."""
+    try:
+        if nvml is None:
+            import pynvml as nvml
+        return NvmlInventory(nvml, environ=environ)
+    except ImportError as e:
+        return f"nvidia-ml-py is not installed ({e})"
+    except Exception as e:  # pynvml.NVMLError and its subclasses, or a fake's
+        if nvml is not None and not isinstance(e, getattr(nvml, "NVMLError", ())):
+            raise
+        return _nvml_failure(nvml, e)
+
+
+def _why_not_gpu_mode(inv: NvmlInventory) -> str:
+    """Why `inv` does not mean GPU mode (no GPU visible, or only MIG ones; `inv` is then closed), or ""."""
+    try:
+        if inv.gpus():
+            return ""
+    except GpuUnavailable:
+        return ""  # NVML works and has GPUs: GPU mode, whose planner refuses every model with NVML's words
+    if any(why != MIG_UNSUPPORTED for why in inv.unusable.values()):
+        return ""  # GPUs NVML cannot open (lost, …) are GPUs all the same: as above
+    inv.close()
+    if inv.unusable:
+        return "; ".join(f"GPU {i}: {why}" for i, why in sorted(inv.unusable.items()))
+    if inv.device_count and inv.cuda_visible_devices is not None:
+        return f"CUDA_VISIBLE_DEVICES={inv.cuda_visible_devices!r} hides all {inv.device_count} GPUs"
+    return "NVML sees no GPU"
+
+
+class NoGpu:
+    """GPU mode whose GPUs cannot be read now, because NVML does not start.
+
+    An `Inventory` whose `gpus` raises `GpuUnavailable` with `reason`, which the
+    planner turns into one refusal per GPU model, in those words: what a server
+    in GPU mode must do when the driver breaks under it, rather than a traceback
+    or a CPU plan.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        self.unusable: dict[int, str] = {}
+
+    def gpus(self) -> list[Gpu]:
+        raise GpuUnavailable(self.reason)
+
+    def processes(self) -> list[GpuProcess]:
+        return []
+
+    def close(self) -> None:
+        """Nothing to shut down: NVML never started."""
+
+
+@dataclass(frozen=True)
+class DeviceMode:
+    """What ``engine.device`` was resolved to (GPU or CPU mode), kept for later reads.
+
+    Why keep it: ``auto`` asks NVML, and NVML can fail on a box that has GPUs (after
+    a driver upgrade, before the reboot: "Driver/library version mismatch").
+    Resolved on every read, that one read would give a CPU plan, and models would
+    be placed and started on the CPU of a GPU box. So a server resolves the device
+    once (`decide`) and reads in that mode from then on (`read`); only a registry
+    whose ``engine.device`` differs resolves again.
+    """
+
+    device: str
+    """The ``engine.device`` this was resolved from."""
+    gpu: bool
+    reason: str = ""
+    """CPU mode: why, as the first read said it (shown in every plan)."""
+
+    def read(
+        self, *, nvml: Any | None = None, environ: Mapping[str, str] | None = None
+    ) -> NvmlInventory | HostMemory | NoGpu:
+        """The inventory now, in this mode: RAM in CPU mode (NVML untouched), else NVML's GPUs,
+        or `NoGpu` with the reason when NVML does not start now; never a switch of mode."""
+        if not self.gpu:
+            return HostMemory.read(self.reason)
+        opened = _open_nvml(nvml, environ)
+        if isinstance(opened, str):
+            return NoGpu(_gpu_mode_without_nvml(self.device, opened))
+        return opened
+
+
+def decide(
+    device: str, *, nvml: Any | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[DeviceMode, NvmlInventory | HostMemory | NoGpu]:
+    """Resolve ``engine.device`` (`detect`): the mode to keep, and the inventory read on the way.
+
+    ``gpu`` without a usable NVML is GPU mode all the same, with a `NoGpu`
+    inventory: a server refuses its models with the reason instead of failing
+    with a traceback, and turns to its GPUs once NVML works again.
+    """
+    try:
+        inv = detect(device, nvml=nvml, environ=environ)
+    except GpuUnavailable as e:
+        return DeviceMode(device, gpu=True), NoGpu(str(e))
+    if isinstance(inv, HostMemory):
+        return DeviceMode(device, gpu=False, reason=inv.reason), inv
+    return DeviceMode(device, gpu=True), inv
+
+
+def _gpu_mode_without_nvml(device: str, reason: str) -> str:
+    """Why GPU mode has no GPUs now, saying that it stays GPU mode (``auto`` resolved it so before)."""
+    if device == "gpu":
+        return f"engine.device is gpu but {reason}"
+    return f"engine.device {device} chose GPU mode, which it keeps, but now {reason}"
 
 
 def _nvml_failure(nvml: Any, e: BaseException) -> str:

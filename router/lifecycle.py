@@ -263,6 +263,9 @@ class Fleet:
         self.sup = sup
         self.upstream = upstream
         self._inventory = inventory
+        self._modes: dict[str, gpu.DeviceMode] = {}
+        """What each engine.device setting was resolved to, by its first read (see `_read`)."""
+        self._mode_lock = threading.Lock()
         self.placements: dict[str, placement.Placement] = {}
         """Budget of each server that runs or is about to, by its program name."""
         self.on_supervisor_lost = on_supervisor_lost
@@ -315,13 +318,31 @@ class Fleet:
     def inventory(self, config: Config | None = None) -> Iterator[Inventory | HostMemory]:
         """What placement plans on, read now: GPUs (NVML) or host memory, for the engine
         device of `config` (a reload's new registry may change it), else the current one.
-        NVML is initialised for each read and shut down after it."""
-        inv = self._inventory() if self._inventory is not None else gpu.detect((config or self.config).engine.device)
+        NVML is initialised for each read and shut down after it; the mode (GPU or CPU)
+        is not decided again on each read (see `_read`)."""
+        inv = self._inventory() if self._inventory is not None else self._read(config or self.config)
         try:
             yield inv
         finally:
             if isinstance(inv, gpu.NvmlInventory):
                 inv.close()
+
+    def _read(self, config: Config) -> Inventory | HostMemory:
+        """`config`'s inventory, in the mode its engine.device was resolved to by its first read.
+
+        Resolving ``auto`` on every read would turn one read during an NVML failure (a
+        driver upgrade before the reboot) into a CPU plan on a GPU box; in the mode kept,
+        that read refuses the GPU models in NVML's words instead. A reload that changes
+        engine.device is resolved on its first read, when the reload is planned.
+        """
+        device = config.engine.device
+        with self._mode_lock:
+            mode = self._modes.get(device)
+            if mode is None:
+                mode, inv = gpu.decide(device)
+                self._modes[device] = mode
+                return inv
+        return mode.read()
 
     def programs(self) -> list[supervisor.Program]:
         out = []

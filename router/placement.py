@@ -43,9 +43,11 @@ Rules
   ``--gpu-memory-utilization`` to every rank and sizes every rank's KV cache
   like the smallest, so on mixed sizes the model gets utilization × the
   smallest total per GPU, and that, not the budget, must hold its minimum.
-* GPUs NVML cannot use (MIG mode, see `router.gpu`) are left out and named in
-  the plan's warnings; if NVML cannot read a GPU at all, every GPU model is
-  refused with NVML's words instead of a traceback.
+* GPUs NVML cannot use (MIG mode, or a handle NVML refuses: lost, no
+  permission; see `router.gpu`) are left out and named in the plan's
+  warnings; if NVML cannot read a GPU at all, or does not start in GPU mode
+  (`router.gpu.NoGpu`), every GPU model is refused with NVML's words instead
+  of a traceback.
 * Models with ``url`` run elsewhere and are never placed.
 * Re-planning keeps `running` models where they are (their budgets counted
   first, never moved or re-checked), so a reload or an on-demand start only

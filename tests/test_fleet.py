@@ -376,7 +376,7 @@ async def test_a_reload_plans_on_the_inventory_of_its_own_engine_device(tmp_path
 
     asked: list[str] = []
 
-    def detect(device: str) -> HostMemory:
+    def detect(device: str, **_: Any) -> HostMemory:
         asked.append(device)
         return HostMemory(64 * GIB, 64 * GIB, process_rss={})
 
@@ -388,6 +388,87 @@ async def test_a_reload_plans_on_the_inventory_of_its_own_engine_device(tmp_path
         assert asked == ["cpu"]
         await fleet.reload(registry(model_dir, {"name": "a"}, engine={"device": "auto"}))
         assert asked[1:] == ["auto"]  # not the device read at boot
+    finally:
+        await fleet.close()
+
+
+async def test_each_engine_device_setting_is_resolved_once(
+        tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from router import lifecycle
+
+    asked: list[str] = []
+
+    def detect(device: str, **_: Any) -> HostMemory:
+        asked.append(device)
+        return HostMemory(64 * GIB, 64 * GIB, reason=f"CPU mode: asked for {device}", process_rss={})
+
+    monkeypatch.setattr(lifecycle.gpu, "detect", detect)
+    sup = Supervisord(tmp_path / "run")
+    fleet = Fleet(registry(model_dir, {"name": "a"}, engine={"device": "auto"}), sup, Health(sup))  # type: ignore[arg-type]
+    await fleet.start()
+    try:
+        with fleet.inventory() as inv:
+            assert isinstance(inv, HostMemory) and inv.reason == "CPU mode: asked for auto"
+        assert asked == ["auto"]  # boot resolved it; later reads keep that
+        await fleet.reload(registry(model_dir, {"name": "a"}, {"name": "b", "load": "on_demand"},
+                                    engine={"device": "auto"}))
+        assert asked == ["auto"]  # same engine.device: same mode
+        with pytest.raises(lifecycle.ReloadRejected):  # a cpu registry that does not fit: nothing changes
+            await fleet.reload(registry(model_dir, {"name": "a", "memory_gb": 999}, engine={"device": "cpu"}))
+        assert asked == ["auto", "cpu"]
+        with fleet.inventory() as inv:
+            assert isinstance(inv, HostMemory) and inv.reason == "CPU mode: asked for auto"
+        await fleet.reload(registry(model_dir, {"name": "a"}, engine={"device": "cpu"}))
+        with fleet.inventory() as inv:  # the new setting is in force, as it was resolved
+            assert isinstance(inv, HostMemory) and inv.reason == "CPU mode: asked for cpu"
+        await fleet.reload(registry(model_dir, {"name": "a"}, engine={"device": "auto"}))
+        with fleet.inventory() as inv:
+            assert isinstance(inv, HostMemory) and inv.reason == "CPU mode: asked for auto"
+        assert asked == ["auto", "cpu"]  # each setting resolved once, by its first read
+    finally:
+        await fleet.close()
+
+
+async def test_an_nvml_failure_after_boot_refuses_gpu_models_instead_of_cpu_mode(
+        tmp_path: Path, model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`device: auto` on a GPU box whose driver is upgraded under the server (NVML: version mismatch)."""
+    import sys
+
+    import pynvml
+
+    from router.lifecycle import ReloadRejected
+
+    try:
+        from .test_gpu import fake_nvml
+    except ImportError:
+        from test_gpu import fake_nvml  # type: ignore[no-redef]
+
+    nvml = fake_nvml([80])
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    a_, b_ = {"name": "a", "vram_gb": 8}, {"name": "b", "vram_gb": 8, "load": "on_demand"}
+    sup = Supervisord(tmp_path / "run")
+    health = Health(sup)
+    fleet = Fleet(registry(model_dir, a_, b_, engine={"device": "auto"}), sup, health)  # type: ignore[arg-type]
+    await fleet.start()
+    try:
+        a, b = fleet.runtimes["a:latest"], fleet.runtimes["b:latest"]
+        assert fleet.placements[a.program].gpus == [0]
+        make_ready(fleet, health, "a:latest")
+        await until(lambda: a.state == State.READY)
+
+        nvml.init_error = pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH
+        await fleet.start_model(b)
+        await until(lambda: b.state == State.FAILED or b.program in sup.started())
+        assert b.program not in sup.started() and b.program not in fleet.placements
+        assert b.state == State.FAILED and "no GPU is visible" in b.reason and "NVML/RM version mismatch" in b.reason
+        with pytest.raises(ReloadRejected, match="c:latest: no GPU is visible.*version mismatch"):
+            await fleet.reload(registry(model_dir, a_, b_, {"name": "c", "vram_gb": 8}, engine={"device": "auto"}))
+
+        nvml.init_error = None  # rebooted into the new driver (or it recovered): the GPU is back
+        await fleet.start_model(b)
+        await until(lambda: b.program in sup.started())
+        assert fleet.placements[b.program].gpus == [0]
     finally:
         await fleet.close()
 

@@ -13,13 +13,16 @@ import pytest
 
 from router.config import parse
 from router.gpu import (
+    CANNOT_OPEN,
     MIG_UNSUPPORTED,
     FakeInventory,
     GiB,
     GpuUnavailable,
     HostMemory,
     Inventory,
+    NoGpu,
     NvmlInventory,
+    decide,
     detect,
     format_cpu_list,
     host_cores,
@@ -85,14 +88,24 @@ def fake_nvml(
     process_error: bool = False,
     mig: frozenset[int] = frozenset(),
     memory_error: int | None = None,
+    handle_error: dict[int, int] | None = None,
 ) -> types.SimpleNamespace:
-    """A module with the slice of pynvml's API NvmlInventory uses; errors are pynvml's own classes."""
+    """A module with the slice of pynvml's API NvmlInventory uses; errors are pynvml's own classes.
+
+    `init_error` is the module's attribute, read at each nvmlInit: set it later to break the
+    driver under a running server. `handle_error`: NVML index → error of nvmlDeviceGetHandleByIndex.
+    """
     calls: list[str] = []
 
     def init() -> None:
         calls.append("init")
-        if init_error is not None:
-            raise pynvml.NVMLError(init_error)
+        if module.init_error is not None:
+            raise pynvml.NVMLError(module.init_error)
+
+    def handle(i: int) -> int:
+        if i in (handle_error or {}):
+            raise pynvml.NVMLError((handle_error or {})[i])
+        return i
 
     def memory(h: int, version: int | None = None) -> _Mem:
         if memory_error is not None:
@@ -120,14 +133,15 @@ def fake_nvml(
         on = pynvml.NVML_DEVICE_MIG_ENABLE if h in mig else pynvml.NVML_DEVICE_MIG_DISABLE
         return [on, on]
 
-    return types.SimpleNamespace(
+    module = types.SimpleNamespace(
         calls=calls,
+        init_error=init_error,
         NVMLError=pynvml.NVMLError,
         nvmlMemory_v2=pynvml.nvmlMemory_v2,
         nvmlInit=init,
         nvmlShutdown=lambda: calls.append("shutdown"),
         nvmlDeviceGetCount=lambda: len(sizes_gib),
-        nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetHandleByIndex=handle,
         nvmlDeviceGetUUID=lambda h: UUIDS[h],
         nvmlDeviceGetName=lambda h: f"NVIDIA Fake {sizes_gib[h]:g}GB".encode(),  # old pynvml returns bytes
         nvmlDeviceGetPciInfo=lambda h: types.SimpleNamespace(busId=f"00000000:{h + 1:02X}:00.0"),
@@ -137,6 +151,7 @@ def fake_nvml(
         nvmlDeviceGetMigMode=mig_mode,
         NVML_DEVICE_MIG_ENABLE=pynvml.NVML_DEVICE_MIG_ENABLE,
     )
+    return module
 
 
 def test_nvml_inventory_reads_memory_v2_and_processes() -> None:
@@ -189,6 +204,37 @@ def test_mig_gpu_is_left_out_not_taken_for_a_whole_gpu() -> None:
     assert isinstance(only_mig, HostMemory) and "GPU 0: MIG mode is on" in only_mig.reason
     with pytest.raises(GpuUnavailable, match="MIG mode is on"):
         detect("gpu", nvml=fake_nvml([80], mig=frozenset({0})), environ={})
+
+
+def test_a_gpu_nvml_cannot_open_is_left_out_named_and_the_others_used() -> None:
+    """nvmlDeviceGetHandleByIndex refusing one GPU (lost, no permission) must not take the others with it."""
+    nvml = fake_nvml([80, 80, 24, 48], handle_error={1: pynvml.NVML_ERROR_GPU_IS_LOST})
+    inv = NvmlInventory(nvml, environ={})
+    assert [g.index for g in inv.gpus()] == [0, 2, 3]
+    assert inv.unusable == {1: f"{CANNOT_OPEN}: GPU is lost"}
+    ms = parse({"models": [{"name": "a", "source": "org/a", "vram_gb": 4, "gpus": [1]},
+                           {"name": "b", "source": "org/b", "vram_gb": 4}]}).models
+    p = plan(ms, inv)
+    assert p.refused["a:latest"] == [f"a:latest: GPU 1 is not available: {CANNOT_OPEN}: GPU is lost (visible GPUs: 0, 2, 3)"]
+    assert p.placements["b:latest"].gpus == [2] and f"GPU 1 is not used: {CANNOT_OPEN}: GPU is lost" in p.warnings
+    inv.close()
+    assert nvml.calls == ["init", "shutdown"]
+    # The others keep their NVML indices and UUIDs: CUDA_VISIBLE_DEVICES still finds them.
+    nvml = fake_nvml([24, 48, 48, 80], handle_error={1: pynvml.NVML_ERROR_NO_PERMISSION})
+    inv = NvmlInventory(nvml, environ={"CUDA_VISIBLE_DEVICES": "GPU-cccc,1"})
+    assert [g.index for g in inv.gpus()] == [3] and inv.unusable == {1: f"{CANNOT_OPEN}: Insufficient Permissions"}
+    inv.close()
+
+
+def test_detect_keeps_gpu_mode_when_its_only_gpu_cannot_be_opened() -> None:
+    """A lost GPU is still a GPU: CPU mode would run vLLM beside it unconfined. The plan refuses, in NVML's words."""
+    for device in ("auto", "gpu"):
+        inv = detect(device, nvml=fake_nvml([80], handle_error={0: pynvml.NVML_ERROR_GPU_IS_LOST}), environ={})
+        assert isinstance(inv, NvmlInventory) and inv.gpus() == []
+        p = plan(parse({"models": [{"name": "a", "source": "org/a", "vram_gb": 4}]}).models, inv)
+        assert p.mode == "gpu"
+        assert p.refused["a:latest"] == ["a:latest: no GPU is visible (GPU 0: NVML cannot open it: GPU is lost)"]
+        inv.close()
 
 
 def test_nvml_read_error_is_a_clear_error_not_a_traceback() -> None:
@@ -254,6 +300,44 @@ def test_detect_all_gpus_hidden_is_cpu_mode() -> None:
     assert nvml.calls == ["init", "shutdown"]
     with pytest.raises(GpuUnavailable):
         detect("gpu", nvml=fake_nvml([80]), environ={"CUDA_VISIBLE_DEVICES": "-1"})
+
+
+def test_auto_is_decided_once_and_nvml_failing_later_refuses_instead_of_cpu_mode() -> None:
+    """A driver upgraded under a running server: NVML stops starting, but the box still has its GPUs."""
+    nvml = fake_nvml([80])
+    mode, inv = decide("auto", nvml=nvml, environ={})
+    assert mode.gpu and isinstance(inv, NvmlInventory)
+    inv.close()
+    nvml.init_error = pynvml.NVML_ERROR_LIB_RM_VERSION_MISMATCH
+    assert isinstance(detect("auto", nvml=nvml, environ={}), HostMemory)  # resolved anew, it would be CPU mode
+    later = mode.read(nvml=nvml, environ={})
+    assert isinstance(later, NoGpu)
+    p = plan(parse({"models": [{"name": "a", "source": "org/a", "vram_gb": 4}]}).models, later)
+    why = ("engine.device auto chose GPU mode, which it keeps, but now NVML failed to start "
+           "(NVIDIA driver present but unusable): RM has detected an NVML/RM version mismatch.")
+    assert p.mode == "gpu" and p.refused["a:latest"] == [f"a:latest: no GPU is visible ({why})"]
+    nvml.init_error = None  # once NVML works again, the GPUs are back
+    again = mode.read(nvml=nvml, environ={})
+    assert isinstance(again, NvmlInventory) and len(again.gpus()) == 1
+    again.close()
+
+
+def test_cpu_mode_once_decided_stays_and_reads_no_nvml() -> None:
+    nvml = fake_nvml([80], init_error=pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+    mode, inv = decide("auto", nvml=nvml, environ={})
+    assert not mode.gpu and isinstance(inv, HostMemory) and "NVML Shared Library Not Found" in mode.reason
+    nvml.init_error = None
+    later = mode.read(nvml=nvml, environ={})
+    assert isinstance(later, HostMemory) and later.reason == inv.reason and nvml.calls == ["init"]
+
+
+def test_decide_gpu_without_nvml_is_gpu_mode_refusing_with_the_reason() -> None:
+    """``device: gpu`` in a server: models refused in clear words, not a traceback out of the planner's caller."""
+    mode, inv = decide("gpu", nvml=fake_nvml([80], init_error=pynvml.NVML_ERROR_DRIVER_NOT_LOADED), environ={})
+    assert mode.gpu and isinstance(inv, NoGpu) and isinstance(inv, Inventory)
+    with pytest.raises(GpuUnavailable, match="engine.device is gpu but no NVIDIA driver.*Driver Not Loaded"):
+        inv.gpus()
+    assert inv.processes() == []
 
 
 def test_detect_rejects_unknown_device() -> None:
