@@ -164,6 +164,8 @@ def library_routes(fleet: Fleet) -> list[Any]:
 
     @delete("/api/delete", status_code=200)
     async def remove(data: JSONBody[wire.ModelRequest]) -> None:
+        """409 while the model runs (checked here) or while its repo is being pulled, by this server
+        or by `vllama pull` in another process (hub.delete checks that under a lock file)."""
         name = data.target
         if not name:
             raise ApiError(400, "model is required")

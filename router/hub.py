@@ -23,6 +23,11 @@ manifest (``<repo folder>/.vllama/<commit>.json``, which scan_cache_dir ignores)
 after every file is in place, so a failed pull leaves nothing that looks like a usable model,
 and pulling again resumes it.
 
+Pulls and deletes of one repository exclude each other through lock files next to the library's
+own (``.locks/<repo folder>/``), so that they do across processes: ``vllama pull`` runs in a
+process of its own beside the server's /api/pull, /api/delete and auto-pulls. A second pull
+waits for the first; a delete is refused at once while a pull runs (see `_pulling`, `_deleting`).
+
 Environment variables are read when each function is called, not when huggingface_hub was
 imported (it freezes HF_ENDPOINT, HF_HUB_CACHE and HF_HUB_OFFLINE at import): every call
 passes the endpoint and cache dir explicitly, so a test (or a long-lived ``vllama serve``
@@ -33,17 +38,19 @@ the library per call (HF_TOKEN, then the token file).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -85,6 +92,8 @@ __all__ = [
     "resolve_target",
 ]
 
+log = logging.getLogger("vllama.hub")
+
 DEFAULT_REVISION = "main"
 DEFAULT_WORKERS = 4
 PROGRESS_INTERVAL = 0.08
@@ -100,6 +109,10 @@ _COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 _HASH_CHUNK = 8 * 1024 * 1024
+_LOCK_POLL = 0.25
+"""Seconds between two checks of a cancel while waiting for a lock."""
+_DELETE_WAIT = 60.0
+"""Seconds a delete waits for another delete of the same repo (deletes take seconds)."""
 
 
 # --- errors ------------------------------------------------------------------
@@ -109,7 +122,8 @@ class PullError(Exception):
     """A pull, plan or delete that cannot go on; `status` is the HTTP status to answer with.
 
     400 bad name or nothing vLLM can load, 401/403 gated repository, 404 repository, revision or
-    file not found (or not cached, for delete), 499 cancelled, 502 the Hub or a mirror answered
+    file not found (or not cached, for delete), 409 delete while the repo is being pulled (or
+    deleted), 499 cancelled, 502 the Hub or a mirror answered
     badly (or a download was corrupt or cut), 503 Hub unreachable or offline mode without the
     model cached, 507 not enough disk space. `message` is meant for people, as is.
     """
@@ -511,7 +525,7 @@ def _plan_offline(repo: str, revision: str | None, gguf: str | None, env: HubEnv
 # --- progress ----------------------------------------------------------------
 
 
-ProgressKind = Literal["manifest", "file", "verify", "write", "success"]
+ProgressKind = Literal["manifest", "wait", "file", "verify", "write", "success"]
 
 
 @dataclass(frozen=True)
@@ -538,6 +552,9 @@ def ollama_status(event: Progress) -> dict[str, Any]:
         return out
     return {
         "manifest": {"status": "pulling manifest"},
+        # Ollama has no such status (a second pull there follows the first one's download);
+        # its clients show any status as it comes.
+        "wait": {"status": "waiting for another pull of this model to finish"},
         "verify": {"status": "verifying sha256 digest"},
         "write": {"status": "writing manifest"},
         "success": {"status": "success"},
@@ -667,30 +684,132 @@ def _link(blob: Path, pointer: Path) -> None:
     os.replace(tmp, pointer)
 
 
-class _Lock:
-    """The library's per-blob lock file (``.locks/<repo>/<etag>.lock``), so that a concurrent pull,
-    vLLM or ``hf download`` never appends to the same partial file; waits while checking `cancel`."""
+_FLOCKLESS: set[Path] = set()
+"""Lock folders found without flock (warned about once)."""
 
-    def __init__(self, path: Path, stopped: Callable[[], bool]) -> None:
+
+class _Lock:
+    """A lock file shared with other processes, like huggingface_hub's ``WeakFileLock``: the
+    library's per-blob lock (``.locks/<repo>/<etag>.lock``), so that a concurrent pull, vLLM or
+    ``hf download`` never appends to the same partial file, and our per-repo pull and delete locks.
+
+    As the library does: lock files are group-writable (users sharing a cache wait for each
+    other), a filesystem without flock (some NFS mounts, where filelock 3.x raises
+    NotImplementedError; 4.x falls back by itself) gets a SoftFileLock (an O_EXCL file, which a
+    killed process leaves behind, hence only as a fallback), and a lock that fails to release is
+    removed rather than left held. Waiting checks `stopped` every `_LOCK_POLL` seconds.
+    """
+
+    def __init__(self, path: Path, stopped: Callable[[], bool] = lambda: False) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = filelock.FileLock(str(path), mode=0o664)
+        self._path = path
+        self._lock: filelock.BaseFileLock = filelock.FileLock(str(path), mode=0o664)
         self._stopped = stopped
 
-    def __enter__(self) -> None:
+    def acquire(self, timeout: float | None = None) -> None:
+        """Wait for the lock, at most `timeout` seconds (0: one try, then filelock.Timeout)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._stopped():
                 raise _Cancelled()
+            left = _LOCK_POLL if deadline is None else min(_LOCK_POLL, max(0.0, deadline - time.monotonic()))
             try:
-                self._lock.acquire(timeout=0.25)
+                self._try(left)
                 return
             except filelock.Timeout:
-                continue
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
 
-    def __exit__(self, *exc: object) -> None:
+    def _try(self, timeout: float) -> None:
+        try:
+            self._lock.acquire(timeout=timeout)
+        except NotImplementedError as e:
+            if "use SoftFileLock instead" not in str(e):
+                raise
+            if self._path.parent not in _FLOCKLESS:  # once per folder, not once per file of each pull
+                _FLOCKLESS.add(self._path.parent)
+                log.warning("the filesystem of %s has no flock; falling back to soft lock files", self._path.parent)
+            self._lock = filelock.SoftFileLock(str(self._path))
+            self._lock.acquire(timeout=timeout)
+
+    def release(self) -> None:
         try:
             self._lock.release()
         except OSError:
-            pass
+            with contextlib.suppress(OSError):
+                self._path.unlink()
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _repo_lock(cache_dir: Path, repo: str, kind: Literal["pull", "delete"],
+               stopped: Callable[[], bool] = lambda: False) -> _Lock:
+    """Our lock of `repo` for `kind`, beside the library's blob locks (no etag is named so)."""
+    return _Lock(cache_dir / ".locks" / _storage(cache_dir, repo).name / f"vllama-{kind}.lock", stopped)
+
+
+@contextlib.contextmanager
+def _pulling(p: PullPlan, env: HubEnv, emitter: _Emitter) -> Iterator[None]:
+    """Hold `p.repo`'s pull lock while the pull writes (files, manifest, ref): one pull of a repo at a time.
+
+    A second pull (another client, `vllama pull` beside the server, an auto-pull) says that it
+    waits, then finds the first one's files in place. Pulls used to share the work file by file,
+    but then a cancelled one could write its pending manifest after the other had finished, and
+    a complete model showed as partial until pulled again; waiting costs nothing when both want
+    the same files. Per repo rather than per revision, because revisions share blobs (and their
+    partial files), which a delete of one revision must not remove while another one is pulled.
+    """
+    try:
+        lock = _repo_lock(p.cache_dir, p.repo, "pull", emitter.stopped)
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            emitter.emit(Progress("wait"))
+            lock.acquire()
+    except OSError as e:
+        raise _hub_error(e, p.repo, p.revision, env) from e
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def _deleting(env: HubEnv, repo: str) -> Iterator[None]:
+    """Hold `repo`'s pull lock while deleting, or raise PullError 409 at once if a pull holds it.
+
+    Refused rather than waited for: a pull takes minutes to hours, and a `vllama rm` or an
+    /api/delete that hung that long would look broken (and would then delete what it waited
+    for). 409 Conflict is what /api/delete already answers for a running model: the request is
+    fine, the model's state is in the way, and trying again later can work; Ollama's clients
+    show the error message whatever the status. Another delete of the repo is waited for
+    (deletes take seconds), under a lock of its own, so that the pull lock being taken means
+    that a pull holds it, as the message says.
+    """
+    with contextlib.ExitStack() as held:
+        try:
+            deletes = _repo_lock(env.cache_dir, repo, "delete")
+            _take(deletes, _DELETE_WAIT, f"another delete of {repo} is still running; try again later")
+            held.callback(deletes.release)
+            pulls = _repo_lock(env.cache_dir, repo, "pull")
+            _take(pulls, 0, f"{repo} is being pulled right now (by `vllama pull`, /api/pull or an auto_pull): "
+                            "wait for the pull to finish, or stop it, then delete again")
+            held.callback(pulls.release)
+        except OSError as e:  # a read-only cache
+            raise _hub_error(e, repo, None, env) from e
+        yield
+
+
+def _take(lock: _Lock, timeout: float, busy: str) -> None:
+    """Acquire `lock` within `timeout` seconds, else raise PullError 409 saying `busy`."""
+    try:
+        lock.acquire(timeout)
+    except filelock.Timeout:
+        raise PullError(409, busy) from None
 
 
 def _fetch(p: PullPlan, entry: FileEntry, env: HubEnv, emitter: _Emitter) -> None:
@@ -797,27 +916,48 @@ def pull(
     `pull_plan` skips planning again when the caller already showed the plan; setting `cancel`
     stops the pull soon (PullError 499), keeping partial files for the next pull to resume.
     Every failure is a PullError; the revision is registered (ref + manifest) only on success.
+    While another pull of `repo` runs (in any process) this one waits for it (a "wait" event).
     """
     env = hub_env()
     emitter = _Emitter(on_progress, cancel or threading.Event())
     emitter.emit(Progress("manifest"))
     p = pull_plan or plan(repo, revision, gguf)
-    if p.offline:
+    if p.offline:  # writes nothing, so takes no lock either: an offline cache may be read-only
         for f in p.files:
             emitter.emit(Progress("file", f.path, f.digest, f.size, f.size))
+        _register(p, env, emitter)
     else:
-        p = _download(p, env, emitter, workers)
-    emitter.emit(Progress("verify"))  # each file was checked as it finished; Ollama says it once
-    emitter.emit(Progress("write"))
-    if not p.offline:
-        try:
-            _write_manifest(p, complete=True)
-            if p.revision != p.commit:
-                _write_atomic(_storage(p.cache_dir, p.repo) / "refs" / p.revision, p.commit)
-        except OSError as e:
-            raise _hub_error(e, p.repo, p.revision, env) from e
+        with _pulling(p, env, emitter):
+            p = _download(_refresh(p), env, emitter, workers)
+            _register(p, env, emitter)
     emitter.emit(Progress("success"))
     return p.snapshot_path
+
+
+def _refresh(p: PullPlan) -> PullPlan:
+    """`p` with what is cached read from disk again: a plan is made before the pull lock is taken
+    (`vllama pull` shows it first), so another pull may have fetched files since, or a delete
+    removed them (a pull that trusted the plan then registered a model without its files)."""
+    storage = _storage(p.cache_dir, p.repo)
+    files = []
+    for f in p.files:
+        cached, partial = _state_of(storage, p.commit, f.path, f.sha256 or f.blob_id)
+        files.append(replace(f, cached=cached, partial=partial))
+    return replace(p, files=tuple(files))
+
+
+def _register(p: PullPlan, env: HubEnv, emitter: _Emitter) -> None:
+    """Make the downloaded revision visible: its complete manifest, then its ref (none offline)."""
+    emitter.emit(Progress("verify"))  # each file was checked as it finished; Ollama says it once
+    emitter.emit(Progress("write"))
+    if p.offline:
+        return
+    try:
+        _write_manifest(p, complete=True)
+        if p.revision != p.commit:
+            _write_atomic(_storage(p.cache_dir, p.repo) / "refs" / p.revision, p.commit)
+    except OSError as e:
+        raise _hub_error(e, p.repo, p.revision, env) from e
 
 
 def _download(p: PullPlan, env: HubEnv, emitter: _Emitter, workers: int) -> PullPlan:
@@ -1049,13 +1189,23 @@ def delete(repo: str, revision: str | None = None, *, all_revisions: bool = Fals
     Partial downloads and our manifest for the revision go too, and so does an unfinished
     pull on its own (no ref yet, maybe no ``snapshots/`` yet, which scan_cache_dir calls
     corrupt and skips): ``local_snapshot`` shows it as a partial model, so it must be
-    deletable. PullError 404 when the revision is not cached. Refusing while the model is
+    deletable. PullError 404 when the revision is not cached, 409 at once while any revision of
+    the repo is being pulled, by any process (see `_deleting`). Refusing while the model is
     running is the caller's job: this module does not know what runs.
     """
     env = hub_env()
+    storage = _storage(env.cache_dir, repo)
+    if not storage.is_dir():  # checked before taking locks, which would create .locks/<repo>/
+        raise PullError(404, f"{repo} is not in the cache at {env.cache_dir}")
+    with _deleting(env, repo):
+        return _delete(env, repo, revision, all_revisions)
+
+
+def _delete(env: HubEnv, repo: str, revision: str | None, all_revisions: bool) -> int:
+    """`delete`, under the repo's locks."""
     rev = revision or DEFAULT_REVISION
     storage = _storage(env.cache_dir, repo)
-    if not storage.is_dir():
+    if not storage.is_dir():  # another delete removed it while this one waited
         raise PullError(404, f"{repo} is not in the cache at {env.cache_dir}")
     info = huggingface_hub.scan_cache_dir(env.cache_dir)
     cached = next((r for r in info.repos if r.repo_id == repo and r.repo_type == "model"), None)
@@ -1102,17 +1252,6 @@ def _forget_pull(storage: Path, commit: str) -> int:
 def render_pull(repo: str, revision: str | None, gguf: str | None, console: Any) -> Path:
     """`vllama pull`: show the plan (files, size, what is cached), then one rich bar per file
     with bytes, rate and ETA. Raises PullError like `pull`; the CLI prints its message."""
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-    from rich.progress import (
-        Progress as RichProgress,
-    )
-
     p = plan(repo, revision, gguf)
     extra = []
     if p.cached:
@@ -1125,24 +1264,52 @@ def render_pull(repo: str, revision: str | None, gguf: str | None, console: Any)
         + f"; {human_bytes(p.to_download)} to download into {p.cache_dir}"
     )
     tasks: dict[str, Any] = {}
-    with RichProgress(
-        TextColumn("{task.description}", justify="left"),
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    ) as bars:
+    with _bars(console) as bars:
 
         def on_progress(ev: Progress) -> None:
             if ev.kind == "file" and ev.file is not None:
                 if ev.file not in tasks:
                     tasks[ev.file] = bars.add_task(ev.file, total=ev.total or None)
                 bars.update(tasks[ev.file], completed=ev.completed, total=ev.total or None)
+            elif ev.kind == "wait":
+                console.print(f"waiting for another pull of {p.repo} to finish (a `vllama pull` or the server's)")
             elif ev.kind == "verify":
                 console.print("verifying sha256 digest")
 
         path = pull(repo, revision, gguf, on_progress, pull_plan=p)
     console.print(f"[green]success[/]: {path}")
     return path
+
+
+def _bars(console: Any, get_time: Callable[[], float] | None = None) -> Any:
+    """The rich progress display of `render_pull`: name, bar, bytes, rate, ETA, in binary units
+    throughout (rich's TransferSpeedColumn has decimal rates only: "1.0/2.0 MiB 1.2 MB/s")."""
+    from rich import filesize
+    from rich.progress import BarColumn, DownloadColumn, ProgressColumn, Task, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress as RichProgress
+    from rich.text import Text
+
+    class BinarySpeedColumn(ProgressColumn):
+        """TransferSpeedColumn's rate with DownloadColumn(binary_units=True)'s units."""
+
+        def render(self, task: Task) -> Text:
+            speed = task.finished_speed or task.speed
+            if speed is None:
+                return Text("?", style="progress.data.speed")
+            unit, suffix = filesize.pick_unit_and_suffix(int(speed), _BINARY_UNITS, 1024)
+            return Text(f"{speed / unit:,.{0 if unit == 1 else 1}f} {suffix}/s", style="progress.data.speed")
+
+    return RichProgress(
+        TextColumn("{task.description}", justify="left"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        BinarySpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+        get_time=get_time,
+    )
+
+
+_BINARY_UNITS = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB"]
+"""The suffixes of rich's DownloadColumn(binary_units=True), for the rate beside it."""

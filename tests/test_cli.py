@@ -321,26 +321,40 @@ cli(["pull", *sys.argv[1:]])
 """
 
 
+def _slow_hub(h: FakeHub, tmp_path: Path) -> dict[str, str]:
+    """Serve `org/slow` (4 MiB of weights in 64 chunks, 13 s in all) from `h`; the environment of a
+    `vllama pull` of it into `tmp_path`."""
+    import random
+
+    h.add_repo("org/slow", {"config.json": b'{"model_type": "llama"}',
+                            "model.safetensors": random.Random(0).randbytes(4 << 20)})
+    h.delay("org/slow/model.safetensors", 0.2)
+    env = {**os.environ, "HF_ENDPOINT": h.url, "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "HF_HOME": str(tmp_path / "home"), "VLLAMA_CONFIG": str(tmp_path / "none.yaml")}
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
+        env.pop(var, None)
+    return env
+
+
+def _pull_under_way(env: dict[str, str], tmp_path: Path) -> subprocess.Popen[str]:
+    """`vllama pull org/slow` in a process of its own, once it has written 256 KiB of the weights."""
+    p = subprocess.Popen([sys.executable, "-c", PULL_IN_SMALL_CHUNKS, "org/slow"], env=env, cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while sum(f.stat().st_size for f in (tmp_path / "hub").rglob("*.incomplete")) < 256 << 10:
+        if time.monotonic() > deadline or p.poll() is not None:
+            p.kill()
+            raise AssertionError(p.communicate())
+        time.sleep(0.05)
+    return p
+
+
 def test_pull_ctrl_c_stops_the_download_at_once(tmp_path: Path) -> None:
     """Ctrl-C stops the download at once, keeps what came, and exits 130 (128 + SIGINT; it was 1,
     as for any failure, so a script could not tell an interrupted pull from a failed one)."""
-    import random
-
     with FakeHub() as h:
-        h.add_repo("org/slow", {"config.json": b'{"model_type": "llama"}',
-                                "model.safetensors": random.Random(0).randbytes(4 << 20)})
-        h.delay("org/slow/model.safetensors", 0.2)  # 64 chunks of 64 KiB: 13 s in all
-        env = {**os.environ, "HF_ENDPOINT": h.url, "HF_HUB_CACHE": str(tmp_path / "hub"),
-               "HF_HOME": str(tmp_path / "home"), "VLLAMA_CONFIG": str(tmp_path / "none.yaml")}
-        for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
-            env.pop(var, None)
-        p = subprocess.Popen([sys.executable, "-c", PULL_IN_SMALL_CHUNKS, "org/slow"], env=env, cwd=REPO,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = _pull_under_way(_slow_hub(h, tmp_path), tmp_path)
         try:
-            deadline = time.monotonic() + 30
-            while sum(f.stat().st_size for f in (tmp_path / "hub").rglob("*.incomplete")) < 256 << 10:
-                assert time.monotonic() < deadline and p.poll() is None, p.communicate()
-                time.sleep(0.05)
             p.send_signal(signal.SIGINT)
             sent = time.monotonic()
             out, err = p.communicate(timeout=30)
@@ -355,6 +369,35 @@ def test_pull_ctrl_c_stops_the_download_at_once(tmp_path: Path) -> None:
     assert "interrupted" in err and "Traceback" not in err
     # The bytes received are kept: the next pull resumes from them.
     assert any(f.stat().st_size for f in (tmp_path / "hub").rglob("*.incomplete"))
+
+
+def test_rm_while_vllama_pull_runs_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`vllama rm` (no server) while `vllama pull` of the same model runs in another process: refused
+    at once, the pull's files left alone; once the pull has stopped, rm deletes them. (There was
+    no lock: rm deleted the partial file under the running pull.)"""
+    from conftest import free_port
+
+    with FakeHub() as h:
+        env = _slow_hub(h, tmp_path)
+        for var in ("HF_ENDPOINT", "HF_HUB_CACHE", "HF_HOME", "VLLAMA_CONFIG"):
+            monkeypatch.setenv(var, env[var])
+        monkeypatch.setenv("VLLAMA_HOST", f"127.0.0.1:{free_port()}")  # no server: rm deletes itself
+        p = _pull_under_way(env, tmp_path)
+        try:
+            started = time.monotonic()
+            assert_clean_error(invoke("rm", "org/slow"), "org/slow is being pulled right now")
+            assert time.monotonic() - started < 5
+            assert any(f.stat().st_size >= 256 << 10 for f in (tmp_path / "hub").rglob("*.incomplete"))
+            p.send_signal(signal.SIGINT)
+            p.communicate(timeout=30)
+        finally:
+            p.kill()
+        h.wait_idle()
+    assert p.returncode == 130
+    r = invoke("rm", "org/slow")
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert "deleted org/slow" in r.stdout
+    assert not (tmp_path / "hub" / "models--org--slow").exists()
 
 
 # --- rm, check, dev -----------------------------------------------------------------

@@ -14,15 +14,17 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
 import threading
 import time
 from collections import namedtuple
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import filelock
 import httpx
 import pytest
 from huggingface_hub import constants, hf_hub_download, snapshot_download
@@ -309,6 +311,129 @@ def test_concurrent_pulls_download_once(fake: FakeHub) -> None:
     assert fake.served[MODEL] == [(0, len(FILES["model.safetensors"]))]
 
 
+def _held_pull(on_hold: threading.Event, release: threading.Event) -> Callable[[Progress], None]:
+    """An on_progress that stops its pull's download 128 KiB into the weights until `release`: a
+    pull in progress for as long as a test needs, without racing a timer."""
+
+    def on(ev: Progress) -> None:
+        if ev.file == "model.safetensors" and ev.completed >= 2 * CHUNK and not on_hold.is_set():
+            on_hold.set()
+            release.wait(15)
+
+    return on
+
+
+class _PullThread(threading.Thread):
+    """`hub.pull` on a thread, keeping what it returned or raised."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(daemon=True)
+        self.kwargs = kwargs
+        self.result: object = None
+
+    def run(self) -> None:
+        try:
+            self.result = hub.pull(REPO, **self.kwargs)
+        except PullError as e:
+            self.result = e
+
+
+def test_a_second_pull_waits_for_the_first(fake: FakeHub) -> None:
+    """One pull of a repo at a time (across processes too: the lock is a file). The second says it
+    waits, then finds the files in place; one that is cancelled while it waits leaves the first
+    alone. (Sharing the work used to let a cancelled pull mark a finished model partial.)"""
+    on_hold, release = threading.Event(), threading.Event()
+    first = _PullThread(on_progress=_held_pull(on_hold, release))
+    first.start()
+    try:
+        assert on_hold.wait(10)
+        cancel = threading.Event()
+
+        def give_up(ev: Progress) -> None:
+            if ev.kind == "wait":
+                cancel.set()
+
+        quitter = _PullThread(on_progress=give_up, cancel=cancel)
+        quitter.start()
+        quitter.join(10)
+        assert isinstance(quitter.result, PullError) and quitter.result.status == 499
+
+        waited = threading.Event()
+        events: list[dict] = []
+
+        def on(ev: Progress) -> None:
+            events.append(ollama_status(ev))
+            if ev.kind == "wait":
+                waited.set()
+
+        second = _PullThread(on_progress=on)
+        second.start()
+        assert waited.wait(10), events
+    finally:
+        release.set()
+    first.join(30)
+    second.join(30)
+    assert isinstance(first.result, Path) and second.result == first.result
+    assert {"status": "waiting for another pull of this model to finish"} in events
+    assert events[-1] == {"status": "success"}
+    assert fake.served[MODEL] == [(0, len(FILES["model.safetensors"]))], "downloaded once"
+    assert hub.local_snapshot(REPO).state == "complete"
+
+
+def test_a_cancelled_pull_beside_another_leaves_the_model_complete(fake: FakeHub) -> None:
+    """Two pulls of one revision, the second cancelled: here it planned before the first finished
+    and runs after it. It used to write its pending manifest over the finished one, so the model
+    showed as partial until pulled again."""
+    late = hub.plan(REPO)  # nothing cached yet
+    hub.pull(REPO)
+    cancel = threading.Event()
+
+    def on(ev: Progress) -> None:
+        if ev.kind == "file":
+            cancel.set()
+
+    with pytest.raises(PullError) as e:
+        hub.pull(REPO, on_progress=on, cancel=cancel, pull_plan=late)
+    assert e.value.status == 499
+    local = hub.local_snapshot(REPO)
+    assert local.state == "complete"
+    assert len(fake.served[MODEL]) == 1
+
+
+def test_a_pull_planned_before_a_delete_fetches_what_it_removed(fake: FakeHub) -> None:
+    """A plan is made before the pull lock is taken (`vllama pull` shows it first): a delete may
+    come between. The pull must not register a model whose files are gone."""
+    hub.pull(REPO)
+    stale = hub.plan(REPO)
+    assert stale.to_download == 0
+    hub.delete(REPO)
+    path = hub.pull(REPO, pull_plan=stale)
+    assert hub.local_snapshot(REPO).state == "complete"
+    for name in WANTED:
+        assert (path / name).read_bytes() == FILES[name]
+
+
+def test_locks_fall_back_to_soft_locks_without_flock(fake: FakeHub, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a filesystem without flock (some NFS mounts) filelock 3.x raises NotImplementedError;
+    huggingface_hub then uses a SoftFileLock (an O_EXCL lock file), and so must we."""
+
+    class Flockless(filelock.FileLock):  # type: ignore[misc, valid-type]
+        def _acquire(self) -> None:
+            raise NotImplementedError("FileSystem does not appear to support flock; use SoftFileLock instead")
+
+    monkeypatch.setattr(filelock, "FileLock", Flockless)
+    assert hub.pull(REPO) == hub.local_snapshot(REPO).path
+    assert hub.local_snapshot(REPO).state == "complete"
+
+    held = hub._Lock(tmp_path / "locks" / "x.lock")
+    with held:
+        assert (tmp_path / "locks" / "x.lock").exists()  # a soft lock is the file itself
+        with pytest.raises(filelock.Timeout):
+            hub._Lock(tmp_path / "locks" / "x.lock").acquire(timeout=0)
+    assert not (tmp_path / "locks" / "x.lock").exists()
+
+
 def test_pull_gguf(fake: FakeHub) -> None:
     fake.add_repo("org/gguf", {"config.json": b"{}", "m.Q4_K_M.gguf": b"G" * 300, "m.Q8_0.gguf": b"G" * 600})
     path = hub.pull("org/gguf", gguf="m.Q4_K_M.gguf")
@@ -556,6 +681,30 @@ def test_delete_an_unfinished_pull(fake: FakeHub, tmp_path: Path) -> None:
     assert e.value.status == 404
 
 
+def test_delete_during_a_pull_is_refused_at_once(fake: FakeHub, tmp_path: Path) -> None:
+    """A delete while the repo is being pulled (here or by another process) fails fast with 409
+    and leaves the pull's files alone; the pull finishes, and then the delete works."""
+    on_hold, release = threading.Event(), threading.Event()
+    puller = _PullThread(on_progress=_held_pull(on_hold, release))
+    puller.start()
+    try:
+        assert on_hold.wait(10)
+        started = time.monotonic()
+        with pytest.raises(PullError) as e:
+            hub.delete(REPO)
+        assert time.monotonic() - started < 2, "fails fast, does not wait for the pull"
+        assert e.value.status == 409 and "being pulled" in e.value.message and REPO in e.value.message
+        partial = storage(tmp_path) / "blobs" / (hashlib.sha256(FILES["model.safetensors"]).hexdigest() + ".incomplete")
+        assert partial.stat().st_size >= 2 * CHUNK, "the pull's partial file is untouched"
+    finally:
+        release.set()
+    puller.join(30)
+    assert isinstance(puller.result, Path)
+    assert hub.local_snapshot(REPO).state == "complete"
+    assert hub.delete(REPO) == hub.plan(REPO).total
+    assert hub.local_snapshot(REPO) is None
+
+
 # --- local state -------------------------------------------------------------
 
 
@@ -638,6 +787,23 @@ def test_api_delete_of_a_missing_model(fake: FakeHub, served: ServedRouter, tmp_
     assert hub.local_snapshot(REPO) is None
 
 
+def test_api_delete_during_a_pull_is_a_conflict(fake: FakeHub, served: ServedRouter) -> None:
+    """/api/delete of a repo being pulled (here by `vllama pull` in another process, or /api/pull)
+    answers 409 with Ollama's error shape at once, and the pull goes on to completion."""
+    on_hold, release = threading.Event(), threading.Event()
+    puller = _PullThread(on_progress=_held_pull(on_hold, release))
+    puller.start()
+    try:
+        assert on_hold.wait(10)
+        r = httpx.request("DELETE", served.url + "/api/delete", json={"model": REPO}, timeout=10)
+        assert r.status_code == 409, r.text
+        assert r.json().keys() == {"error"} and "being pulled" in r.json()["error"]
+    finally:
+        release.set()
+    puller.join(30)
+    assert isinstance(puller.result, Path) and hub.local_snapshot(REPO).state == "complete"
+
+
 def test_api_pull_without_stream_stops_when_the_client_goes_away(fake: FakeHub, served: ServedRouter) -> None:
     """As in Ollama (the pull runs on the request's context) and as a streamed pull here does."""
     fake.delay(MODEL, 0.1)  # ~3 s for the weights
@@ -673,6 +839,52 @@ def test_render_pull(fake: FakeHub) -> None:
     text = out.getvalue()
     assert "org/tiny" in text and "5 files" in text and "2.0 MiB" in text and "to download" in text
     assert "model.safetensors" in text and "success" in text and str(path) in text
+
+
+def test_pull_bars_use_binary_units_throughout() -> None:
+    """Sizes were in MiB and rates in MB/s (rich's TransferSpeedColumn is decimal only)."""
+    from rich.console import Console
+
+    now = [0.0]
+    out = io.StringIO()
+    console = Console(file=out, width=200, force_terminal=False)
+    with hub._bars(console, get_time=lambda: now[0]) as bars:
+        task = bars.add_task("model.safetensors", total=3 << 20)
+        for _ in range(2):
+            now[0] += 1.0
+            bars.update(task, advance=1 << 20)
+        line = " ".join(str(c.render(bars.tasks[0])) for c in bars.columns[2:4])
+    assert line == "2.0/3.0 MiB 1.0 MiB/s"
+
+
+def test_render_pull_says_when_it_waits_for_another_pull(fake: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    on_hold, release = threading.Event(), threading.Event()
+    puller = _PullThread(on_progress=_held_pull(on_hold, release))
+    puller.start()
+    real = hub.pull
+
+    def pull(repo: str, revision: str | None, gguf: str | None, on_progress: Callable[[Progress], None],
+             **kwargs: object) -> Path:
+        def on(ev: Progress) -> None:
+            on_progress(ev)
+            if ev.kind == "wait":
+                release.set()  # the first pull goes on once the second is known to wait for it
+
+        return real(repo, revision, gguf, on, **kwargs)
+
+    monkeypatch.setattr(hub, "pull", pull)
+    out = io.StringIO()
+    try:
+        assert on_hold.wait(10)
+        hub.render_pull(REPO, None, None, Console(file=out, width=1000, force_terminal=False))
+    finally:
+        release.set()
+        puller.join(30)
+    text = out.getvalue()
+    assert "waiting for another pull of org/tiny" in text and "success" in text
+    assert not re.search(r"\b[kMG]B/s", text), text
 
 
 # --- the fake itself ---------------------------------------------------------
