@@ -665,14 +665,21 @@ def cmd_overhead(a: argparse.Namespace) -> int:
                            if t.name.startswith("vllama") and (t.name.endswith("/api/chat") or t.name.endswith("/v1"))]
                 if lite_proc is not None and a.litellm_max_conc >= a.rss_streams:
                     servers.append(("litellm proxy", lite_url, "openai", lite_proc, lite_auth))
+                # The floor: what bare relays on the router's stack pay per token (load_tests/floor.py).
+                for kind in ("tcp", "asgi", "litestar") if a.floor else ():
+                    proc, url = harness.floor(stack, kind, paced_url, cpus=server_cpus)
+                    servers.append((f"floor: {kind} relay", url, "openai", proc, {}))
                 # The fake's own figures: what a bare server writing each token costs.
                 servers.append(("fake direct", paced_url, "openai", paced, {}))
-                for name, url, api, proc, headers in servers:
-                    t = Target(name, url, api, "chat", "paced", headers=headers)
-                    r = await paced_run(t, proc, a.rss_streams, int(a.paced_rate * a.paced_seconds))
-                    r["offered_chunks_s"] = a.rss_streams * a.paced_rate
-                    rss.append(r)
-                result["rss"] = rss
+                # Once per repeat, the order flipped each time (A B C, C B A) like the rows above.
+                for repeat in range(a.repeats):
+                    for name, url, api, proc, headers in servers if repeat % 2 == 0 else servers[::-1]:
+                        t = Target(name, url, api, "chat", "paced", headers=headers)
+                        r = await paced_run(t, proc, a.rss_streams, int(a.paced_rate * a.paced_seconds))
+                        r["offered_chunks_s"] = a.rss_streams * a.paced_rate
+                        r["repeat"] = repeat
+                        rss.append(r)
+                result["rss"] = sorted(rss, key=lambda r: [s[0] for s in servers].index(r["target"]))
 
         asyncio.run(go())
     lat_rows = [Row(**r) for r in result["latency"]]
@@ -823,6 +830,9 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--rss-streams", type=int, default=500, help="open streams for the RSS check (0: skip)")
     o.add_argument("--paced-rate", type=float, default=50.0, help="tokens/s per stream in the RSS check")
     o.add_argument("--paced-seconds", type=float, default=6.0, help="length of each paced stream")
+    o.add_argument("--floor", action="store_true",
+                   help="add bare relays (load_tests/floor.py: a byte pipe, uvicorn + ASGI, Litestar) to the "
+                        "open-streams run: what any relay on this stack pays per token")
     common(o, "1,10,100,500", 16)
     o.set_defaults(func=cmd_overhead)
 

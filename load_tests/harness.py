@@ -210,6 +210,16 @@ def fake_upstream(stack: Stack, *, rate: float = 0.0, ttft_ms: float = 0.0, mode
     return p, url
 
 
+def floor(stack: Stack, kind: str, upstream: str, *, cpus: set[int] | None = None) -> tuple[Proc, str]:
+    """One of `load_tests.floor`'s bare relays (``tcp``, ``asgi``, ``litestar``) in front of `upstream`."""
+    port = free_port()
+    argv = [sys.executable, "-m", "load_tests.floor", kind, "--port", str(port), "--upstream", upstream]
+    p = stack.start(Proc(f"floor-{kind}", argv, stack.tmp / f"floor-{kind}.log", cpus=cpus))
+    url = f"http://127.0.0.1:{port}"
+    p.wait_http(url + "/health", 30)
+    return p, url
+
+
 def router_config(path: Path, models: list[dict[str, object]], **server: object) -> Path:
     data = {
         "server": {"watch": False, **server},
