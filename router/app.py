@@ -15,6 +15,7 @@ import logging
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 
+import msgspec
 from litestar import Litestar, Request, Response, get, head, post
 from litestar.background_tasks import BackgroundTask
 from litestar.exceptions import (
@@ -31,6 +32,7 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 from . import __version__, wire
 from .auth import Guard, KeyStore, too_large_message
 from .catalog import Catalog
+from .config import normalize_name
 from .limits import Gate, bad_json, error_body
 from .passthrough import passthrough_router
 from .schema import document
@@ -41,8 +43,12 @@ log = logging.getLogger("vllama.app")
 NDJSON = "application/x-ndjson"
 OLLAMA_VERSION = "0.12.0"
 """The Ollama API version we speak: clients gate features on it."""
+VERSION = wire.VersionResponse(version=OLLAMA_VERSION)
 
 T = TypeVar("T")
+
+_encode = msgspec.json.Encoder().encode
+ROOT_TEXT = "Ollama is running"
 
 _NOT_HERE = {
     "copy": "vLLama does not copy models: every model is an entry of models.yaml; "
@@ -58,6 +64,12 @@ _NOT_HERE = {
 def _error(status: int, message: str, retry_after: int | None = None) -> Response[Any]:
     headers = {"Retry-After": str(retry_after)} if retry_after else None
     return Response(content={"error": message}, status_code=status, headers=headers, media_type="application/json")
+
+
+def _head(body: bytes, media_type: str) -> Response[None]:
+    """A HEAD answered as Ollama's Go server answers it: the GET's headers, Content-Length
+    included, and no body (Litestar and uvicorn send none for a HEAD)."""
+    return Response(None, headers={"content-type": media_type, "content-length": str(len(body))})
 
 
 async def _close(stream: Any) -> None:
@@ -165,19 +177,19 @@ def create_app(
 
     @get("/", media_type="text/plain", sync_to_thread=False)
     def root() -> str:
-        return "Ollama is running"
+        return ROOT_TEXT
 
-    @head("/", media_type="text/plain", sync_to_thread=False)
-    def root_head() -> None:
-        return None
+    @head("/", sync_to_thread=False)
+    def root_head() -> Response[None]:
+        return _head(ROOT_TEXT.encode(), "text/plain; charset=utf-8")
 
     @get("/api/version", sync_to_thread=False)
     def version() -> wire.VersionResponse:
-        return wire.VersionResponse(version=OLLAMA_VERSION)
+        return VERSION
 
     @head("/api/version", sync_to_thread=False)
-    def version_head() -> None:
-        return None
+    def version_head() -> Response[None]:
+        return _head(_encode(VERSION), "application/json")
 
     @post("/api/generate", status_code=200)
     async def generate(request: Request[Any, Any, Any], data: JSONBody[wire.GenerateRequest]) -> Response[Any] | Stream:
@@ -199,9 +211,9 @@ def create_app(
     def tags() -> wire.TagsResponse:
         return catalog.tags()
 
-    @head("/api/tags", sync_to_thread=False)
-    def tags_head() -> None:
-        return None
+    @head("/api/tags", sync_to_thread=True)
+    def tags_head() -> Response[None]:
+        return _head(_encode(catalog.tags()), "application/json")
 
     @post("/api/show", status_code=200, sync_to_thread=True)
     def show(data: JSONBody[wire.ModelRequest]) -> wire.ShowResponse:
@@ -209,7 +221,7 @@ def create_app(
             raise ApiError(400, "model is required")
         out = catalog.show(data.target, bool(data.verbose))
         if out is None:
-            raise ApiError(404, f'model "{data.target}" not found, try pulling it first')
+            raise ApiError(404, f"model '{normalize_name(data.target)}' not found")
         return out
 
     @get("/api/ps", sync_to_thread=True)

@@ -25,6 +25,7 @@ from litestar.background_tasks import BackgroundTask
 from litestar.params import FromPath
 from litestar.response import Stream
 
+from . import translate
 from .lifecycle import Fleet, Lease, ModelNotFound, ModelUnavailable
 from .upstream import Upstream, UpstreamError
 
@@ -83,6 +84,29 @@ class Passthrough:
             return None
         return {"id": m.name, "object": "model", "created": self.created, "owned_by": "vllama"}
 
+    def refusal(self, name: str, path: str) -> tuple[int, str] | None:
+        """(status, message) when the registry alone says `path` cannot serve `name`: an
+        unknown model, or an API the model does not have (embeddings from a model that
+        generates, a generation from an embedding model, which vLLM answers with a bare 404).
+        Checked before the model is waited for, so such a request never starts one."""
+        model = self.fleet.config.lookup(name)
+        if model is None:
+            self._count("unknown", path, 404)
+            return 404, f"The model `{name}` does not exist."
+        try:
+            translate.check_route(path, translate.Target(name=model.served_name, embedding=model.embedding,
+                                                         label=name))
+        except translate.TranslationError as e:
+            self._count(model.name, path, e.status)
+            return e.status, str(e)
+        return None
+
+    def _count(self, model: str, path: str, status: int) -> None:
+        """A request refused before it held the model, counted as the fleet counts those it refuses."""
+        metrics = getattr(self.fleet, "metrics", None)
+        if metrics is not None:
+            metrics.started(model, path.lstrip("/")).finished(status)
+
     async def forward(self, request: Request[Any, Any, Any], path: str, anthropic: bool = False) -> Response[Any]:
         error = anthropic_error if anthropic else openai_error
         body = await request.body()
@@ -94,6 +118,10 @@ class Passthrough:
             return error(400, f"invalid JSON: {e}")
         if not isinstance(name, str) or not name:
             return error(400, "model is required" if name is None or name == "" else "model must be a string")
+        refused = self.refusal(name, path)
+        if refused is not None:
+            status, message = refused
+            return error(status, message) if anthropic else openai_error(status, message, "model")
         try:
             lease: Lease = await self.fleet.acquire(name, endpoint=path.lstrip("/"))
         except ModelNotFound:

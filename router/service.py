@@ -18,7 +18,7 @@ import msgspec
 
 from . import translate, wire
 from .catalog import context_length
-from .config import Model, parse_duration
+from .config import Model, normalize_name, parse_duration
 from .lifecycle import Fleet, Lease, ModelNotFound, ModelUnavailable, State
 from .translate import StreamAborted, Target, TranslationError
 from .upstream import Upstream, UpstreamError
@@ -69,6 +69,29 @@ def _error_line(message: str) -> bytes:
     return _encode({"error": message}) + b"\n"
 
 
+def not_found_message(endpoint: str, name: str) -> str:
+    """Ollama's 404 for an unknown model, worded per endpoint as its server words it
+    (clients match on "not found" and the status)."""
+    if endpoint in ("embed", "embeddings"):
+        return f'model "{name}" not found, try pulling it first'
+    return f"model '{name}' not found"
+
+
+def _not_found(endpoint: str, name: str, error: ModelNotFound) -> ApiError:
+    """The fleet's ModelNotFound in the endpoint's words, keeping the fleet's detail
+    (why a known model has no files) that follows its fixed wording."""
+    detail = str(error).partition(", try pulling it first")[2]
+    return ApiError(404, not_found_message(endpoint, name) + detail)
+
+
+def shown_name(name: str, model: Model) -> str:
+    """The model's name in a response: as the client sent it when that is the model's name or
+    one of its aliases (Ollama echoes it), else the registry's own (a name that matched only
+    as Ollama compares names: another case, a qualified ``library/`` name)."""
+    own = {normalize_name(n) for n in (model.name, *model.aliases)}
+    return name if normalize_name(name) in own else model.name
+
+
 def _upstream_status(e: UpstreamError) -> int:
     """vLLM's 4xx are the client's to fix and keep their status; a timeout is a 504; anything else
     is a bad gateway."""
@@ -92,16 +115,56 @@ class OllamaService:
         try:
             return await self.fleet.acquire(name, ka, endpoint)
         except ModelNotFound as e:
-            raise ApiError(404, str(e)) from None
+            raise _not_found(endpoint, name, e) from None
         except ModelUnavailable as e:
             raise ApiError(503, e.message, e.retry_after) from None
 
+    def _model(self, name: str, endpoint: str) -> Model:
+        """The registry's entry for `name`, what a request is checked against before anything
+        waits for the model."""
+        if not name:
+            raise ApiError(400, "model is required")
+        model = self.fleet.config.lookup(name)
+        if model is None:
+            self._count("unknown", endpoint, 404)
+            raise ApiError(404, not_found_message(endpoint, name))
+        return model
+
+    def _count(self, model: str, endpoint: str, status: int) -> None:
+        """A request refused before it held the model, counted in the metrics as the fleet
+        counts those it refuses."""
+        metrics = getattr(self.fleet, "metrics", None)
+        if metrics is not None:
+            metrics.started(model, endpoint).finished(status)
+
+    async def _prepare(self, name: str, keep_alive: wire.KeepAlive, endpoint: str,
+                       make: Callable[[Target], T]) -> tuple[Lease, Target, T]:
+        """The request built by `make` (a pure translation) for the registry's entry, then the
+        model waited for. Everything the registry knows (embedding or not, thinking, tools,
+        options, images, the context) is checked before the wait, so a bad request is
+        refused at once and never cold-starts a model. Built again after the wait only if
+        the model's target changed meanwhile (a reload, or a context length read from files
+        the start downloaded)."""
+        model = self._model(name, endpoint)
+        target = self.target(model, shown_name(name, model))
+        try:
+            built = make(target)
+        except TranslationError as e:
+            self._count(model.name, endpoint, e.status)
+            raise ApiError(e.status, str(e)) from None
+        lease = await self._lease(name, keep_alive, endpoint)
+        served = self.target(lease.runtime.model, target.label)
+        if served != target:
+            built = self._translate(lease, lambda: make(served))
+        return lease, served, built
+
     def _context_length(self, m: Model) -> int | None:
-        """The context the model is served with: max_model_len, else what vLLM reads from config.json."""
+        """The context the model is served with: max_model_len, else what vLLM reads from config.json
+        (not remembered while unknown: the files may come with the model's first start)."""
         if m.max_model_len:
             return m.max_model_len
         key = (m.name, m.source, m.max_model_len)
-        if key not in self._ctx:
+        if self._ctx.get(key) is None:
             self._ctx[key] = context_length(self.fleet.config, m)
         return self._ctx[key]
 
@@ -154,7 +217,7 @@ class OllamaService:
             try:
                 rt = self.fleet.get(name)
             except ModelNotFound as e:
-                raise ApiError(404, str(e)) from None
+                raise _not_found("load", name, e) from None
             if not rt.always and rt.state != State.STOPPED:
                 if rt.inflight:
                     rt.keep_alive = 0.0  # as in Ollama: unloaded when the requests in flight are done
@@ -173,19 +236,23 @@ class OllamaService:
             return await self._load_only(req.model, req.keep_alive, lambda reason: wire.GenerateChunk(
                 model=req.model, created_at=now, response="", done=True, done_reason=reason))
         start = self.clock()
-        lease = await self._lease(req.model, req.keep_alive, "generate")
-        target = self.target(lease.runtime.model, req.model)
-        prompt_ids = None
-        if req.context and not req.raw:
-            prompt_ids = await self._continuation(lease, req, target)
-        call = self._translate(lease, lambda: translate.generate_request(req, target, prompt_ids))
+        continuing = bool(req.context) and not req.raw
+
+        def build(target: Target) -> tuple[translate.UpstreamCall, translate.UpstreamCall | None]:
+            """The call (its prompt left empty when it continues ``context``) and the /tokenize
+            call for the new turn of a continuation."""
+            call = translate.generate_request(req, target, [] if continuing else None)
+            return call, translate.tokenize_request(req, target) if continuing else None
+
+        lease, target, (call, tok) = await self._prepare(req.model, req.keep_alive, "generate", build)
+        if tok is not None:
+            call = translate.with_prompt(call, await self._continuation(lease, tok, req.context or []))
         self._note_num_ctx(req.options, target)
-        state = translate.GenerateStream(req.model, translate.Timing(start=start), want_context=not req.raw)
+        state = translate.GenerateStream(target.label, translate.Timing(start=start), want_context=not req.raw)
         return await self._run(lease, call, state)
 
-    async def _continuation(self, lease: Lease, req: wire.GenerateRequest, target: Target) -> list[int]:
-        """``context`` + the new turn, templated by vLLM, as one token-id prompt."""
-        tok = self._translate(lease, lambda: translate.tokenize_request(req, target))
+    async def _continuation(self, lease: Lease, tok: translate.UpstreamCall, context: list[int]) -> list[int]:
+        """``context`` + the new turn, templated by vLLM (`tok`), as one token-id prompt."""
         try:
             body = await self.upstream.post_json(lease.runtime.base_url, tok.path, tok.body)
         except UpstreamError as e:
@@ -194,7 +261,7 @@ class OllamaService:
         except BaseException:
             lease.release()
             raise
-        return translate.context_prompt(req.context or [], body.get("tokens") or [])
+        return translate.context_prompt(context, body.get("tokens") or [])
 
     async def chat(self, req: wire.ChatRequest) -> Reply:
         if not req.messages:
@@ -203,11 +270,10 @@ class OllamaService:
                 model=req.model, created_at=now, message=wire.OutMessage(role="assistant", content=""),
                 done=True, done_reason=reason))
         start = self.clock()
-        lease = await self._lease(req.model, req.keep_alive, "chat")
-        target = self.target(lease.runtime.model, req.model)
-        call = self._translate(lease, lambda: translate.chat_request(req, target))
+        lease, target, call = await self._prepare(
+            req.model, req.keep_alive, "chat", lambda t: translate.chat_request(req, t))
         self._note_num_ctx(req.options, target)
-        state = translate.ChatStream(req.model, translate.Timing(start=start))
+        state = translate.ChatStream(target.label, translate.Timing(start=start))
 
         async def refit(refused: UpstreamError) -> translate.UpstreamCall:
             return await self._fit_context(lease, call, target, refused, truncate=req.truncate is not False)
@@ -338,8 +404,10 @@ class OllamaService:
         try:
             return await self._retrying(lease, lambda: send(call))
         except UpstreamError as e:
-            if refit is None or not translate.context_overflow(e.status, e.message):
+            if not translate.context_overflow(e.status, e.message):
                 raise
+            if refit is None:  # a prompt (/api/generate): refused in the words /api/chat uses
+                raise UpstreamError(e.status, translate.overflow_message(e.message)) from None
             shorter = await refit(e)
         return await self._retrying(lease, lambda: send(shorter))
 
@@ -406,24 +474,22 @@ class OllamaService:
 
     async def embed(self, req: wire.EmbedRequest) -> Reply:
         start = self.clock()
-        lease = await self._lease(req.model, req.keep_alive, "embed")
+        lease, target, call = await self._prepare(
+            req.model, req.keep_alive, "embed", lambda t: translate.embed_request(req, t))
         try:
-            target = self.target(lease.runtime.model, req.model)
-            call = self._translate(lease, lambda: translate.embed_request(req, target))
             if not call.body["input"]:
-                return Reply(body=_encode(wire.EmbedResponse(model=req.model, embeddings=[])))
+                return Reply(body=_encode(wire.EmbedResponse(model=target.label, embeddings=[])))
             upstream_at = self.clock()
             body = await self._embedding_call(lease, call)
         finally:
             lease.release()
         metrics = {"total_duration": self.clock() - start, "load_duration": upstream_at - start}
-        return Reply(body=_encode(translate.embed_response(body, req.model, req.dimensions, metrics)))
+        return Reply(body=_encode(translate.embed_response(body, target.label, req.dimensions, metrics)))
 
     async def embeddings(self, req: wire.EmbeddingsRequest) -> Reply:
-        lease = await self._lease(req.model, req.keep_alive, "embeddings")
+        lease, _, call = await self._prepare(
+            req.model, req.keep_alive, "embeddings", lambda t: translate.embeddings_request(req, t))
         try:
-            target = self.target(lease.runtime.model, req.model)
-            call = self._translate(lease, lambda: translate.embeddings_request(req, target))
             if not req.prompt:
                 return Reply(body=_encode(wire.EmbeddingsResponse(embedding=[])))
             body = await self._embedding_call(lease, call)

@@ -305,9 +305,15 @@ def _finish_body(body: dict[str, Any], stream: bool, options: wire.Options | Non
     return body
 
 
-def _check_generate(req: wire.GenerateRequest, target: Target) -> None:
+def _check_generates(target: Target, what: str) -> None:
+    """An embedding model (``--runner pooling``) has no generation API: refused here, in
+    Ollama's words, rather than with vLLM's bare 404."""
     if target.embedding:
-        raise TranslationError(f'"{target.shown}" does not support generate')
+        raise TranslationError(f'"{target.shown}" does not support {what}')
+
+
+def _check_generate(req: wire.GenerateRequest, target: Target) -> None:
+    _check_generates(target, "generate")
     check_images(req.images)
     if req.raw and (req.template or req.system or req.context):
         raise TranslationError("raw mode does not support template, system, or context")
@@ -375,6 +381,12 @@ def tokenize_request(req: wire.GenerateRequest, target: Target) -> UpstreamCall:
     if kwargs:
         body["chat_template_kwargs"] = kwargs
     return UpstreamCall("/tokenize", body)
+
+
+def with_prompt(call: UpstreamCall, prompt_ids: list[int]) -> UpstreamCall:
+    """A continuation's call (built, and so checked, before the model was waited for, with
+    no prompt yet) with the token ids `tokenize_request` and `context_prompt` gave."""
+    return UpstreamCall(call.path, {**call.body, "prompt": prompt_ids})
 
 
 def context_prompt(context: Sequence[int], new_tokens: Sequence[int]) -> list[int]:
@@ -476,8 +488,7 @@ def chat_messages(messages: Sequence[wire.Message]) -> list[dict[str, Any]]:
 
 def chat_request(req: wire.ChatRequest, target: Target) -> UpstreamCall:
     """/api/chat → /v1/chat/completions."""
-    if target.embedding:
-        raise TranslationError(f'"{target.shown}" does not support chat')
+    _check_generates(target, "chat")
     stream = req.stream is not False
     messages = req.messages or ()
     body: dict[str, Any] = {"model": target.name, "messages": chat_messages(messages)}
@@ -511,6 +522,12 @@ ANSWER_ROOM = 4096
 (at most a quarter of the context). Ollama's runner shifts its context when an answer reaches
 the end; vLLM stops there, so a conversation cut to the context's last token would leave the
 answer one token, and the next turn would overflow again."""
+
+
+def overflow_message(detail: str) -> str:
+    """A prompt vLLM refused as too long, in Ollama's words (as /api/chat answers it), with
+    vLLM's numbers after them."""
+    return f"{CONTEXT_OVERFLOW}: {detail}" if detail else CONTEXT_OVERFLOW
 
 
 def context_overflow(status: int, message: str) -> bool:
@@ -676,6 +693,19 @@ def _check_embedding(target: Target) -> None:
     if not target.embedding:
         raise TranslationError(
             f'"{target.shown}" does not support embeddings (serve an embedding model with embedding: true)')
+
+
+_OPENAI_ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "generate", "/v1/messages": "chat"}
+
+
+def check_route(path: str, target: Target) -> None:
+    """A pass-through request the model cannot serve, refused from the registry before the
+    model is waited for: embeddings from a model that generates, a generation from an
+    embedding model (vLLM would answer a bare 404 ``Not Found``)."""
+    if path == "/v1/embeddings":
+        _check_embedding(target)
+    elif path in _OPENAI_ROUTES:
+        _check_generates(target, _OPENAI_ROUTES[path])
 
 
 def embed_inputs(req: wire.EmbedRequest) -> list[str]:

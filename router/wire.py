@@ -9,15 +9,18 @@ fields, as Ollama's ``omitempty`` does, but keep the ones its clients require
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
-from msgspec import Struct
+from msgspec import Meta, Struct
 
 Number = int | float
 Format = str | dict[str, Any] | None
 KeepAlive = str | int | float | None
 Think = bool | str | None
+TokenId = Annotated[int, Meta(ge=0, description="A token id of the model's vocabulary")]
+"""A token of ``context``: checked here, so a bad one is a 400 naming the field rather than
+vLLM's dump of one validation error per token."""
 
 
 class NullIsUnset(Struct):
@@ -119,7 +122,7 @@ class GenerateRequest(NullIsUnset, omit_defaults=True):
     suffix: str | None = None
     system: str | None = None
     template: str | None = None
-    context: list[int] | None = None
+    context: list[TokenId] | None = None
     stream: bool | None = None
     raw: bool | None = False
     format: Format = None

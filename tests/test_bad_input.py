@@ -308,6 +308,20 @@ def test_bad_embedding_values_are_400(router: ServedRouter) -> None:
     assert r.status_code == 400 and "does not support embeddings" in message(r, "ollama")
 
 
+@pytest.mark.parametrize(("context", "expected"), [
+    ([-1], "context[0]: Expected `int` >= 0"),
+    ([5, -34], "context[1]: Expected `int` >= 0"),
+    ([1.5], "context[0]: Expected `int`, got `float`"),
+    (["a"], "context[0]: Expected `int`, got `str`"),
+])
+def test_context_must_be_token_ids(router: ServedRouter, fake: FakeVLLM, context: Any, expected: str) -> None:
+    """Checked here, naming the token, rather than vLLM's dump of one validation error per token."""
+    fake.reset()
+    r = call(router, "POST", "/api/generate", gen(context=context))
+    assert r.status_code == 400 and message(r, "ollama") == expected
+    assert fake.requests == []
+
+
 def test_odd_model_names_are_404_not_500(router: ServedRouter) -> None:
     for name in ("\u0000", "a:b:c/d", "../../etc/passwd", "x" * 10_000, "smart:" + "🦙" * 100, " "):
         for method, path, shape in BODY_ROUTES:

@@ -342,7 +342,8 @@ def test_when_counting_fails_vllms_refusal_is_the_answer(client: ollama.Client, 
 def test_other_refusals_and_generate_are_not_truncated(client: ollama.Client, router: RouterThread,
                                                        limited: FakeVLLM) -> None:
     """Only a refusal for the context's length starts a count; /api/generate has no messages to drop
-    (Ollama's generate drops none the client sent either): vLLM's refusal is the answer."""
+    (Ollama's generate drops none the client sent either): refused in the words /api/chat uses, with
+    vLLM's detail after them."""
     fake = limited
     fake.push(error(400, "Conversation roles must alternate user/assistant/user/assistant/..."))
     with pytest.raises(ollama.ResponseError, match="roles must alternate"):
@@ -350,7 +351,9 @@ def test_other_refusals_and_generate_are_not_truncated(client: ollama.Client, ro
     assert [p for p, _ in fake.requests] == ["/v1/chat/completions"]
     fake.requests.clear()
     r = post(router, "/api/generate", {"model": "plain", "prompt": " ".join(["w"] * 600), "stream": False})
-    assert r.status_code == 400 and r.json()["error"].startswith("This model's maximum context length is 512")
+    assert r.status_code == 400
+    assert r.json()["error"].startswith("the input length exceeds the context length: This model's maximum "
+                                        "context length is 512")
     assert [p for p, _ in fake.requests] == ["/v1/chat/completions"]
     # the normal path: no count, one call
     fake.requests.clear()
@@ -496,12 +499,19 @@ def test_num_ctx_above_the_served_context_is_clamped_with_one_warning(router: Ro
 
 
 def test_not_found_and_not_supported(client: ollama.Client, router: RouterThread) -> None:
-    for call in (lambda: client.generate(model="nope", prompt="x"),
-                 lambda: client.chat(model="nope", messages=[{"role": "user", "content": "x"}]),
-                 lambda: client.embed(model="nope", input="x")):
+    """The 404 is worded per endpoint as Ollama's server words it (the reference's table)."""
+    for call, wording in ((lambda: client.generate(model="nope", prompt="x"), "model 'nope' not found"),
+                          (lambda: client.generate(model="nope", prompt=""), "model 'nope' not found"),
+                          (lambda: client.chat(model="nope", messages=[{"role": "user", "content": "x"}]),
+                           "model 'nope' not found"),
+                          (lambda: client.embed(model="nope", input="x"),
+                           'model "nope" not found, try pulling it first'),
+                          (lambda: client.embeddings(model="nope", prompt="x"),
+                           'model "nope" not found, try pulling it first'),
+                          (lambda: client.show("nope"), "model 'nope:latest' not found")):
         with pytest.raises(ollama.ResponseError) as e:
             call()
-        assert e.value.status_code == 404 and e.value.error == 'model "nope" not found, try pulling it first'
+        assert e.value.status_code == 404 and e.value.error == wording
     with pytest.raises(ollama.ResponseError, match='"plain" does not support thinking'):
         client.chat(model="plain", messages=[{"role": "user", "content": "x"}], think=True)
     with pytest.raises(ollama.ResponseError, match='"plain" does not support tools'):
@@ -589,6 +599,55 @@ def test_unreachable_model_is_a_503(client: ollama.Client) -> None:
     assert e.value.status_code == 503
 
 
+def test_a_bad_request_is_refused_before_the_model_is_waited_for(router: RouterThread, fake: FakeVLLM) -> None:
+    """What the registry knows is checked before the lease: a request the model cannot serve is a
+    400 at once, even to a model that is not up ("gone" would be waited for, then a 503), so a
+    stopped on-demand model is never cold-started just to refuse the request."""
+    fake.reset()
+    msg = [{"role": "user", "content": "x"}]
+    for path, body, wording in (
+            ("/api/chat", {"model": "gone", "messages": msg, "think": True}, '"gone" does not support thinking'),
+            ("/api/chat", {"model": "gone", "messages": msg, "tools": [WEATHER]}, '"gone" does not support tools'),
+            ("/api/generate", {"model": "gone", "prompt": "x", "suffix": "y"}, '"gone" does not support insert'),
+            ("/api/generate", {"model": "gone", "prompt": "x", "images": ["!"]}, "illegal base64 data in image"),
+            ("/api/embed", {"model": "gone", "input": "x"}, '"gone" does not support embeddings'),
+            ("/api/embeddings", {"model": "gone", "prompt": "x"}, '"gone" does not support embeddings'),
+            ("/api/chat", {"model": "embedder", "messages": msg}, '"embedder" does not support chat'),
+            ("/api/generate", {"model": "embedder", "prompt": "x", "context": [1]},
+             '"embedder" does not support generate')):
+        began = time.monotonic()
+        r = post(router, path, body)
+        assert r.status_code == 400 and r.json()["error"].startswith(wording), (path, r.status_code, r.text)
+        assert time.monotonic() - began < 0.5
+    assert fake.requests == []  # not even the /tokenize of a continuation
+
+
+def test_head_has_the_gets_headers(router: RouterThread) -> None:
+    """As Go's net/http answers HEAD: the GET's Content-Type and Content-Length, no body."""
+    for path in ("/", "/api/version", "/api/tags"):
+        got = httpx.get(router.url + path)
+        headed = httpx.head(router.url + path)
+        assert headed.status_code == 200 and headed.content == b""
+        assert headed.headers["content-length"] == str(len(got.content)) == got.headers["content-length"], path
+        assert headed.headers["content-type"] == got.headers["content-type"], path
+
+
+def test_model_names_resolve_as_ollama_compares_them(client: ollama.Client, router: RouterThread,
+                                                     fake: FakeVLLM) -> None:
+    """Case-insensitive, with the default host, namespace and tag: all of these are smart:latest,
+    and the answers carry the registry's name."""
+    for name in ("SMART", "Smart:Latest", "library/smart", "registry.ollama.ai/library/smart:latest"):
+        r = client.chat(model=name, messages=[{"role": "user", "content": "x"}], options={"num_predict": 1})
+        assert r.model == "smart:latest" and fake.last()["model"] == "smart:latest", name
+        assert client.generate(model=name, prompt="x", options={"num_predict": 1}).model == "smart:latest"
+        assert client.show(name).capabilities is not None
+    assert client.embed(model="EMBEDDER", input="a").model == "embedder:latest"
+    assert client.chat(model="smart", messages=[{"role": "user", "content": "x"}]).model == "smart"  # as sent
+    r = post(router, "/v1/chat/completions", {"model": "Library/Smart", "messages": [{"role": "user", "content": "x"}],
+                                             "max_tokens": 1})
+    assert r.status_code == 200 and fake.last()["model"] == "smart:latest"
+
+
 # --- cancellation -------------------------------------------------------------------------------------
 
 
@@ -670,6 +729,28 @@ def test_pass_through_errors_are_openai_shaped(router: RouterThread) -> None:
                                                           "type": "NotFoundError", "param": "model", "code": 404}
     r = post(router, "/v1/messages", {"model": "nope", "messages": [], "max_tokens": 1})
     assert r.status_code == 404 and r.json()["type"] == "error" and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_pass_through_refuses_an_api_the_model_lacks(router: RouterThread, fake: FakeVLLM) -> None:
+    """Embeddings from a model that generates, or a generation from an embedding model: an
+    OpenAI-shaped 400 from the registry (not vLLM's bare 404), before the model is waited for."""
+    import openai
+
+    fake.reset()
+    oa = openai.OpenAI(base_url=router.url + "/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match='"smart" does not support embeddings'):
+        oa.embeddings.create(model="smart", input=["a"])
+    with pytest.raises(openai.BadRequestError, match='"embedder" does not support chat'):
+        oa.chat.completions.create(model="embedder", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match='"embedder" does not support generate'):
+        oa.completions.create(model="embedder", prompt="x")
+    began = time.monotonic()
+    r = post(router, "/v1/embeddings", {"model": "gone", "input": "x"})  # not up: no wait, no 503
+    assert r.status_code == 400 and time.monotonic() - began < 0.5
+    assert r.json()["error"]["type"] == "BadRequestError" and "does not support embeddings" in r.text
+    r = post(router, "/v1/messages", {"model": "embedder", "messages": [], "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert fake.requests == []
 
 
 def test_anthropic_client_through_the_pass_through(router: RouterThread, fake: FakeVLLM) -> None:

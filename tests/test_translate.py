@@ -165,6 +165,33 @@ def test_embedding_models_do_not_generate_or_chat() -> None:
         t.chat_request(chat(messages=[{"role": "user", "content": "x"}]), EMBEDDER)
 
 
+
+def test_pass_through_routes_are_checked_against_the_model() -> None:
+    """What /v1 refuses from the registry before relaying (vLLM would answer a bare 404)."""
+    with pytest.raises(TranslationError, match='"m" does not support embeddings'):
+        t.check_route("/v1/embeddings", M)
+    for path, what in (("/v1/chat/completions", "chat"), ("/v1/completions", "generate"), ("/v1/messages", "chat")):
+        with pytest.raises(TranslationError, match=f'"e" does not support {what}'):
+            t.check_route(path, EMBEDDER)
+        t.check_route(path, M)
+    t.check_route("/v1/embeddings", EMBEDDER)
+    t.check_route("/v1/messages/count_tokens", EMBEDDER)
+
+
+def test_a_continuation_is_built_before_its_prompt_is_known() -> None:
+    """The call for ``context`` is checked and built first; the token ids come after the wait."""
+    call = t.generate_request(gen(prompt="x", context=[1, 2]), M, [])
+    assert call.path == "/v1/completions" and call.body["prompt"] == []
+    full = t.with_prompt(call, [1, 2, 3])
+    assert full.body == {**call.body, "prompt": [1, 2, 3]} and call.body["prompt"] == []
+
+
+def test_an_overlong_prompt_is_refused_in_ollamas_words() -> None:
+    assert t.overflow_message("This model's maximum context length is 2048 tokens.") == (
+        "the input length exceeds the context length: This model's maximum context length is 2048 tokens.")
+    assert t.overflow_message("") == t.CONTEXT_OVERFLOW
+
+
 # --- requests: options ------------------------------------------------------------------
 
 

@@ -83,7 +83,7 @@ def test_alias_and_default_tag_resolve(client: ollama.Client) -> None:
 def test_unknown_model_is_404_in_ollamas_shape(server: Server, client: ollama.Client) -> None:
     r = httpx.post(server.url + "/api/generate", json={"model": "nope", "prompt": "x"})
     assert r.status_code == 404
-    assert r.json() == {"error": 'model "nope" not found, try pulling it first'}
+    assert r.json() == {"error": "model 'nope' not found"}
     with pytest.raises(ollama.ResponseError) as e:
         client.chat(model="nope", messages=[{"role": "user", "content": "x"}])
     assert e.value.status_code == 404
