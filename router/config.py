@@ -13,6 +13,7 @@ supervisord can carry (the rule is `carry`'s, shared with `supervisor`).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -84,6 +85,35 @@ class Server(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     watch: bool = True
     """Re-read models.yaml when it is saved."""
     auth: Auth = msgspec.field(default_factory=Auth)
+
+
+#: `server` keys a reload applies while serving. cold_start_timeout, shutdown_grace and
+#: reserve_gb are read where they are used; serve hands auth, max_body_mb and max_inflight
+#: to the request path (`serve.LiveServer`). Every other key (host, port, state_dir, watch,
+#: the upstream timeouts) is read once when `vllama serve` starts: changing it needs a restart.
+LIVE_SERVER_KEYS = frozenset({"auth", "max_body_mb", "max_inflight", "cold_start_timeout", "shutdown_grace",
+                              "reserve_gb"})
+
+
+def server_changes(old: Server, new: Server) -> tuple[list[str], list[str]]:
+    """The `server` keys that differ, as (applied live, needing a restart).
+
+    A reload reports both, so that an edit the running server cannot take is never
+    silently ignored; auth's keys are named one by one (``auth.enabled``) for the log.
+    """
+    live: list[str] = []
+    restart: list[str] = []
+    a, b = msgspec.structs.asdict(old), msgspec.structs.asdict(new)
+    for key, value in a.items():
+        if value == b[key]:
+            continue
+        if key == "auth":
+            x, y = msgspec.structs.asdict(value), msgspec.structs.asdict(b[key])
+            names = [f"auth.{k}" for k in x if x[k] != y[k]]
+        else:
+            names = [key]
+        (live if key in LIVE_SERVER_KEYS else restart).extend(names)
+    return live, restart
 
 
 class Engine(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -175,8 +205,18 @@ class Config:
         return self.registry.models
 
     def lookup(self, name: str) -> Model | None:
-        """The model a client means by `name` (name or alias, ``:latest`` implied)."""
-        return self._by_name.get(normalize_name(name))
+        """The model a client means by `name` (name or alias, ``:latest`` implied).
+
+        An exact match first, so names in models.yaml that differ only by case each keep
+        their own model; then as Ollama compares names: case-insensitively, with the
+        default host and namespace filled in (``TINY``, ``library/tiny`` and
+        ``registry.ollama.ai/library/tiny:latest`` all mean ``tiny:latest``). Two
+        entries that fold to the same name: the first in models.yaml wins."""
+        exact = self._by_name.get(normalize_name(name))
+        if exact is not None:
+            return exact
+        wanted = qualified_name(name)
+        return next((m for known, m in self._by_name.items() if qualified_name(known) == wanted), None)
 
     def source_path(self, model: Model) -> str:
         """`source` as vLLM should receive it: local paths made absolute."""
@@ -193,6 +233,26 @@ def normalize_name(name: str) -> str:
     if ":" not in name.rsplit("/", 1)[-1]:
         return f"{name}:{DEFAULT_TAG}"
     return name
+
+
+DEFAULT_HOST = "registry.ollama.ai"
+DEFAULT_NAMESPACE = "library"
+
+
+@functools.lru_cache(maxsize=4096)
+def qualified_name(name: str) -> str:
+    """`name` as Ollama compares it (types/model/name.go): ``host/namespace/model:tag``
+    with the defaults filled in (registry.ollama.ai, library, latest), a scheme dropped,
+    folded to lower case (Go's EqualFold). Cached: every lookup that misses the exact
+    match qualifies each registry name."""
+    name = normalize_name(name)
+    rest, _, tag = name.rpartition(":")
+    parts = rest.split("/")
+    model = parts.pop()
+    namespace = parts.pop() if parts else DEFAULT_NAMESPACE
+    host = "/".join(parts) or DEFAULT_HOST
+    host = host.partition("://")[2] or host
+    return f"{host}/{namespace}/{model}:{tag}".casefold()
 
 
 def program_name(name: str) -> str:

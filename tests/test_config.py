@@ -96,6 +96,25 @@ def test_lookup_by_name_alias_and_implied_tag() -> None:
     assert cfg.lookup("llama3") is None  # llama3 means llama3:latest, which is not served
 
 
+def test_lookup_compares_names_as_ollama_does() -> None:
+    """Case-insensitive, default host registry.ollama.ai, namespace library and tag latest."""
+    cfg = parse({"models": [{"name": "tiny", "source": "x", "aliases": ["Small"]},
+                            {"name": "hf.co/Org/Repo:Q4", "source": "y"}]})
+    for name in ("TINY", "Tiny:Latest", "library/tiny", "registry.ollama.ai/library/tiny:latest",
+                 "https://registry.ollama.ai/library/tiny", "SMALL", "library/small:LATEST"):
+        assert cfg.lookup(name).name == "tiny:latest", name
+    assert cfg.lookup("HF.CO/org/repo:q4").name == "hf.co/Org/Repo:Q4"
+    for name in ("other/tiny", "tiny:8b", "example.com/library/tiny", "tin", "hf.co/org/repo"):
+        assert cfg.lookup(name) is None, name
+
+
+def test_names_that_differ_only_by_case_each_keep_their_model() -> None:
+    """An exact match comes first; a name that matches two entries only by case gets the first."""
+    cfg = parse({"models": [{"name": "Big", "source": "x"}, {"name": "big", "source": "y"}]})
+    assert cfg.lookup("Big").source == "x" and cfg.lookup("big").source == "y"
+    assert cfg.lookup("big:latest").source == "y" and cfg.lookup("BIG").source == "x"
+
+
 def test_local_sources_are_relative_to_the_config_file(tmp_path: Path) -> None:
     f = tmp_path / "conf" / "models.yaml"
     f.parent.mkdir()
