@@ -194,7 +194,10 @@ def library_routes(fleet: Fleet) -> list[Any]:
     return [pull, remove]
 
 
-def admin_router(fleet: Fleet, usage: Usage = _no_usage) -> Router:
+def admin_router(fleet: Fleet, usage: Usage = _no_usage, *,
+                 restart_needed: Callable[[], list[str]] = list) -> Router:
+    """`restart_needed`: the server keys models.yaml changed that only a restart applies (serve's)."""
+
     def runtime(name: str) -> Runtime:
         try:
             return fleet.get(name)
@@ -234,11 +237,13 @@ def admin_router(fleet: Fleet, usage: Usage = _no_usage) -> Router:
 
     @get("/models/{name:str}/logs", media_type="text/plain")
     async def logs(name: FromPath[str], lines: FromQuery[int] = 100, follow: FromQuery[bool] = False) -> Stream:
+        if lines < 0:
+            raise ApiError(400, f"lines must be 0 or more, not {lines}")
         rt = local(runtime(name))
         path = fleet.log_path(rt)
         if path is None:
             raise ApiError(404, f'no log for model "{name}"')
-        return Stream(_follow(path, max(0, min(lines, 10_000)), follow), media_type="text/plain")
+        return Stream(_follow(path, min(lines, 10_000), follow), media_type="text/plain")
 
     @post("/reload", status_code=200)
     async def reload() -> dict[str, Any]:
@@ -250,7 +255,8 @@ def admin_router(fleet: Fleet, usage: Usage = _no_usage) -> Router:
 
     @get("/config")
     async def config_status() -> dict[str, Any]:
-        return {"path": str(fleet.config.path), "reload_error": fleet.reload_error}
+        return {"path": str(fleet.config.path), "reload_error": fleet.reload_error,
+                "restart_needed": restart_needed()}
 
     return Router(path="/vllama", route_handlers=[list_models, show_model, start_model, stop_model,
                                                     restart_model, logs, reload, config_status])

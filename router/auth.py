@@ -51,7 +51,16 @@ import msgspec
 import yaml
 
 from .config import Auth, Config
-from .limits import ASGIApp, Receive, Scope, Send, send_error
+from .limits import (
+    ASGIApp,
+    Receive,
+    Scope,
+    Send,
+    read_body,
+    replay,
+    send_error,
+    too_large_message,  # noqa: F401 (app.py imports it from here)
+)
 
 log = logging.getLogger("vllama.auth")
 
@@ -279,9 +288,14 @@ _decode_names = msgspec.json.Decoder(_Names).decode
 
 
 class Guard:
-    """The ASGI middleware enforcing the rules above; `config` gives the registry in use."""
+    """The ASGI middleware enforcing the rules above; `config` gives the registry in use.
 
-    def __init__(self, store: KeyStore, config: Any, max_body_bytes: int = 64 << 20) -> None:
+    `store` and `max_body_bytes` are read on every request, so a reload may change them
+    while serving (router.serve): a store set takes effect from the next request, and None
+    (auth off) lets every request through.
+    """
+
+    def __init__(self, store: KeyStore | None, config: Any, max_body_bytes: int = 64 << 20) -> None:
         self.store = store
         self._config = config
         self.max_body_bytes = max_body_bytes
@@ -304,10 +318,11 @@ class Guard:
 
     async def __call__(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]
-        if (method, path) in PUBLIC:
+        store = self.store
+        if store is None or (method, path) in PUBLIC:
             await app(scope, receive, send)
             return
-        principal = self.store.identify(presented_key(scope))
+        principal = store.identify(presented_key(scope))
         if principal is None:
             client = scope.get("client")
             log.warning("401 for %s %s from %s: %s", method, path, client[0] if client else "?", INVALID)
@@ -331,14 +346,14 @@ class Guard:
                 await self._forbidden(send, path, principal, named)
                 return
         elif path in MODEL_ROUTES and method == "POST":
-            body = await self._read_body(scope, receive, send)
+            body = await read_body(scope, receive, send, self.max_body_bytes)
             if body is None:
                 return
             requested = _requested_model(body, path)
             if requested is not None and not principal.may_use(self.config, requested):
                 await self._forbidden(send, path, principal, requested)
                 return
-            receive = _replay(body, receive)
+            receive = replay(body, receive)
         elif path in LISTINGS and method == "GET":
             send = self._filtering(send, path, principal)
         await app(scope, receive, send)
@@ -346,28 +361,6 @@ class Guard:
     async def _forbidden(self, send: Send, path: str, principal: Principal, model: str) -> None:
         log.warning("403 for %s: key %s may not use model %r", path, principal.name, model)
         await send_error(send, path, 403, f'this API key may not use model "{model}"')
-
-    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
-        """The whole body (within the size limit), or None once an error was sent."""
-        limit = self.max_body_bytes
-        for name, value in scope.get("headers") or ():
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                await _too_large(send, scope["path"], limit)
-                return None
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await _too_large(send, scope["path"], limit)
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
 
     def _filtering(self, send: Send, path: str, principal: Principal) -> Send:
         """`send` that drops, from a JSON listing, the models `principal` may not use."""
@@ -430,27 +423,6 @@ def _requested_model(body: bytes, path: str) -> str | None:
     if path == "/api/show" and not model:
         model = names.name
     return model if isinstance(model, str) and model else None
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    sent = False
-
-    async def replay() -> MutableMapping[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
-async def _too_large(send: Send, path: str, limit: int) -> None:
-    await send_error(send, path, 413, too_large_message(limit))
-
-
-def too_large_message(limit: int) -> str:
-    return f"request body too large: the limit is {limit / (1 << 20):g} MiB (server.max_body_mb)"
 
 
 def warn_if_exposed(host: str, store: KeyStore | None) -> None:

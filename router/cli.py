@@ -97,16 +97,18 @@ def check(config_path: str | None) -> None:
     always = [m for m in cfg.models if m.load == "always"]
     share = placement.cpu_models(cfg)
     plan = placement.plan(always, inventory, reserve_gb=cfg.server.reserve_gb, facts=model_facts, cpu_models=share)
+    # Each on-demand one alone beside them (remote ones too: their row says "remote"), so that
+    # the table lists every model of the registry, not only those placed at boot.
+    on_demand = {m.name: placement.plan([m], inventory, reserve_gb=cfg.server.reserve_gb, running=plan.placements,
+                                        facts=model_facts, cpu_models=share)
+                 for m in cfg.models if m.load == "on_demand"}
     problems = list(plan.problems)
-    for m in cfg.models:
-        if m.load == "on_demand" and not m.url:
-            alone = placement.plan([m], inventory, reserve_gb=cfg.server.reserve_gb, running=plan.placements,
-                                   facts=model_facts, cpu_models=share)
-            problems += [f"{p} (on demand)" for p in alone.problems]
+    for alone in on_demand.values():
+        problems += [f"{p} (on demand)" for p in alone.problems]
     if out.is_terminal:
-        out.print(placement.render_plan_table(plan))
+        out.print(placement.render_plan_table(plan, on_demand))
     else:  # piped: plain text wide enough not to fold every row at 80 columns
-        click.echo(placement.format_plan(plan), nl=False)
+        click.echo(placement.format_plan(plan, on_demand=on_demand), nl=False)
     if problems:
         err = _stderr()
         err.print("[bold red]the plan does not fit:[/]")
@@ -236,8 +238,12 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
-def _gib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 1024**3:.1f} GiB"
+def _size(n: int | None) -> str:
+    """Bytes for `ps` and `list` in the units `pull` and `rm` print (`hub.human_bytes`):
+    whole-GiB figures left a 3.4 MB model at "0.0 GiB"."""
+    from .hub import human_bytes
+
+    return "-" if n is None else human_bytes(n)
 
 
 def _ago(seconds: float | None) -> str:
@@ -299,7 +305,7 @@ def ps(host: str | None, as_json: bool) -> None:
                         f"{escape(reload_error)}")
     rows, styles = [], []
     for m in models:
-        mem = f"{_gib(m.get('memory_used'))} / {_gib(m.get('memory_budget'))}"
+        mem = f"{_size(m.get('memory_used'))} / {_size(m.get('memory_budget'))}"
         if m.get("overrun"):
             mem += " OVER"
         reqs = f"{m.get('vllm_running', '-') if m.get('vllm_running') is not None else '-'}/" \
@@ -321,7 +327,7 @@ def list_(host: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(models, indent=2))
         return
-    rows = [[m["name"], (m.get("digest") or "")[:12], _gib(m.get("size")) if m.get("size") else "-",
+    rows = [[m["name"], (m.get("digest") or "")[:12], _size(m.get("size")) if m.get("size") else "-",
              m.get("download", ""), _local_time(m.get("modified_at") or "")] for m in models]
     _table("registry", ["NAME", "ID", "SIZE", "FILES", "MODIFIED"], rows)
 
@@ -343,6 +349,8 @@ def _local_time(iso: str) -> str:
 @host_option
 def logs(model: str, lines: int, follow: bool, host: str | None) -> None:
     """The model's vLLM log."""
+    if lines < 0:
+        _fail(f"--lines must be 0 or more, not {lines}")
     api = Api(host)
     try:
         with api.stream("GET", f"/vllama/models/{model}/logs", params={"lines": lines, "follow": follow}) as r:

@@ -32,7 +32,7 @@ from . import engine, gpu, hub, placement, supervisor
 from .config import Config, ConfigError, Model, is_local_source, load_settled, parse_duration
 from .gpu import HostMemory, Inventory, format_cpu_list
 from .supervisor import Supervisor
-from .upstream import Upstream
+from .upstream import Upstream, sever_connections
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -160,6 +160,9 @@ class Lease:
 
 
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b:?")
+_ACCESS_LINE = re.compile(r'"[A-Z]+ \S+ HTTP/[\d.]+" \d{3}')
+"""uvicorn's access log (``"POST /v1/chat/completions HTTP/1.1" 500 Internal Server Error``):
+a request's outcome, never why the server died."""
 
 
 def telling_error(lines: list[str], limit: int = 400) -> str:
@@ -167,7 +170,8 @@ def telling_error(lines: list[str], limit: int = 400) -> str:
 
     A Python traceback ends with ``SomeError: message`` at column 0, sometimes
     followed by indented detail (pydantic's ``Value error, …``). Without one,
-    the last line naming an error, else the last line.
+    the last line naming an error, else nothing: the last line of a log is most
+    often an access-log or progress line, which reads as a cause and is not one.
     """
     for i in range(len(lines) - 1, -1, -1):
         if _EXCEPTION_LINE.match(lines[i]):
@@ -178,26 +182,34 @@ def telling_error(lines: list[str], limit: int = 400) -> str:
             text = " ".join(parts)
             return text if len(text) <= limit else text[:limit] + "…"
     for line in reversed(lines):
-        if "ERROR" in line or "Error" in line:
+        if ("ERROR" in line or "Error" in line) and not _ACCESS_LINE.search(line):
             return line.strip()[:limit]
-    return lines[-1].strip()[:limit] if lines else ""
+    return ""
 
 
-def reap_group(pgid: int) -> None:
+def reap_group(pgid: int, *, stopped: bool = False) -> None:
     """Kill what is left of a vLLM server's process group once its leader is gone.
 
     supervisord starts each program as a process-group leader and signals the
     group when *it* stops a program, but when the API server dies on its own
     (OOM, kill -9) its EngineCore and workers live on, holding the model's
-    memory. The group id is the dead leader's pid.
+    memory: worth a warning. After a deliberate stop (`stopped`) the group got
+    supervisord's TERM too, and stopProcess returns once the leader is gone,
+    while its EngineCore may still be on its way out: killing that is routine
+    (debug). The group id is the dead leader's pid.
     """
     try:
         os.killpg(pgid, signal.SIGKILL)
-        log.warning("killed leftover processes of group %d", pgid)
     except (ProcessLookupError, PermissionError):
-        pass
+        return
+    if stopped:
+        log.debug("killed what was left of stopped process group %d", pgid)
+    else:
+        log.warning("killed leftover processes of group %d (its leader exited on its own)", pgid)
 
 
+SEVER_EVERY = 0.25
+"""Seconds between two cuts of the connections to a server being stopped."""
 def free_port(start: int, taken: set[int]) -> int:
     """The first port from `start` that is neither taken by the registry nor bound."""
     for port in range(start, 65536):
@@ -470,7 +482,8 @@ class Fleet:
         if rt.pid is not None and pid != rt.pid:
             reap_group(rt.pid)
             gone, rt.pid = rt.pid, None
-            if not rt.launching and rt.state != State.STOPPED and await self._exited(rt, f"process {gone} exited"):
+            if not rt.launching and rt.state != State.STOPPED and await self._exited(
+                    rt, await self._exit_what(rt, info, gone)):
                 return
         if sstate in ("STARTING", "RUNNING"):
             rt.pid = pid
@@ -495,14 +508,21 @@ class Fleet:
                 if rt.state not in (State.STOPPED, State.FAILED, State.MISSING):
                     await self._set(rt, State.STOPPED, "exited")
             elif rt.state not in (State.RESTARTING, State.FAILED):
-                desc = info.get("description", "") if info else ""
-                await self._exited(rt, f"process exited ({desc})")
+                await self._exited(rt, await self._exit_what(rt, info))
         else:  # STOPPED, STOPPING, UNKNOWN
             rt.pid = None
             if rt.queued or rt.launching or (rt.wanted and time.monotonic() - rt.start_requested < 5):
                 return  # we just asked supervisord to start it; its view has not caught up
             if rt.state not in (State.STOPPED, State.FAILED, State.MISSING):
                 await self._set(rt, State.STOPPED, "stopped")
+
+    async def _exit_what(self, rt: Runtime, info: dict[str, Any] | None, pid: int | None = None) -> str:
+        """"process 123 exited (killed by SIGKILL)": how it ended, from supervisord, not
+        from the log (whose last line is as often an access-log line as a cause; the
+        log's error, if any, is added by `failure_reason`)."""
+        cause = await self.sup.exit_cause(rt.program, info) if self.sup is not None else None
+        who = f"process {pid}" if pid else "process"
+        return f"{who} exited ({cause})" if cause else f"{who} exited"
 
     async def _exited(self, rt: Runtime, what: str) -> bool:
         """A server exited on its own: start it again in its turn; True if given up."""
@@ -719,7 +739,7 @@ class Fleet:
                     await rt.changed.wait()
             info = (await self.sup.processes()).get(rt.program)  # type: ignore[union-attr]
             if info is not None and info["statename"] in ("BACKOFF", "EXITED", "FATAL") and rt.wanted:
-                return f"process exited ({info.get('description', '')})"
+                return await self._exit_what(rt, info)
 
     async def _port_released(self, rt: Runtime) -> None:
         """A model with a fixed port starts once the server it replaces has let go of the port."""
@@ -893,15 +913,42 @@ class Fleet:
         await self._set(rt, State.STOPPING, reason)
         if self.metrics is not None:
             self.metrics.action("stop", "admin" if hold else reason.split(" ")[0])
-        await self.sup.stop(rt.program)
+        await self._stop_process(rt)
         if rt.pid is not None:
-            reap_group(rt.pid)
+            reap_group(rt.pid, stopped=True)
         rt.pid = None
         if not rt.always:
             self.placements.pop(rt.program, None)  # its memory is free for others
         await self._set(rt, State.STOPPED, reason)
         if rt.wanted and self.runtimes.get(rt.name) is rt:
             await self.start_model(rt)  # a request came while it stopped
+
+    async def _stop_process(self, rt: Runtime) -> None:
+        """supervisord's stop of `rt`, cutting the connections of its requests in flight.
+
+        vLLM aborts its engine on SIGTERM, but its HTTP server then waits for every open
+        connection to close, and a stream of the aborted engine never ends: the stop
+        would take engine.stopwaitsecs (until SIGKILL) and the client's stream would stall
+        as long. So while supervisord stops it, our connections to it are cut, again
+        each `SEVER_EVERY` (a request resent on a fresh connection is cut too): the
+        streams end at once with an error line and the server exits. A reload's removal
+        drains first (`_drain`, up to server.shutdown_grace): what is cut here is what
+        outlived the drain.
+        """
+        stop = asyncio.ensure_future(self.sup.stop(rt.program))  # type: ignore[union-attr]
+        try:
+            while not stop.done():
+                inflight = rt.inflight
+                if inflight and rt.port is not None:
+                    cut = await asyncio.to_thread(sever_connections, rt.port)
+                    if cut:
+                        log.info("%s: cut %d connection(s) to it, %d request(s) in flight (%s)",
+                                 rt.name, cut, inflight, rt.reason)
+                await asyncio.wait([stop], timeout=SEVER_EVERY)
+        finally:
+            if not stop.done():
+                stop.cancel()
+        await stop
 
     async def _stop_idle(self, rt: Runtime, reason: str) -> None:
         """Stop an idle model (keep_alive), unless a request came since it was found idle."""
@@ -1105,14 +1152,23 @@ class Fleet:
                 raise ModelUnavailable(f'model "{rt.name}" is {rt.state.value}: {rt.reason}', retry_after=5)
         rt.inflight += 1
         rt.last_used = time.monotonic()
+        rt.keep_alive = self._keep_alive_for(rt, keep_alive)
         return Lease(self, rt, keep_alive)
+
+    @staticmethod
+    def _keep_alive_for(rt: Runtime, requested: float | None) -> float:
+        """How long `rt` stays loaded after its requests end, as the latest request says.
+
+        As in Ollama, each request sets it anew: its own keep_alive, or, without one, the
+        model's configured keep_alive, never an earlier request's (one `keep_alive: 0`
+        would otherwise unload the model after every later request).
+        """
+        return requested if requested is not None else parse_duration(rt.model.keep_alive)
 
     def _release(self, lease: Lease) -> None:
         rt = lease.runtime
         rt.inflight -= 1
         rt.last_used = time.monotonic()
-        if lease.keep_alive is not None:
-            rt.keep_alive = lease.keep_alive
         rt.expires_at = None if rt.always or rt.keep_alive == FOREVER else time.time() + rt.keep_alive
         if rt.inflight == 0 and not rt.always and rt.keep_alive == 0:
             self._spawn(self._stop_idle(rt, "keep_alive 0"))

@@ -12,6 +12,9 @@
   the connection is closed, so a slow client never holds a request slot, a
   connection or an upstream generation for long. Idle keep-alive connections
   are closed by uvicorn's own ``timeout_keep_alive``.
+* `BodyLimit`: the request body limit (``server.max_body_mb``) on every route, checked
+  against ``content-length`` before anything is read (a chunked body is read up to the
+  limit). Its `limit`, like `Gate.limit`, may change while serving (a reload).
 * `error_body`: an error in the shape of the API a path belongs to (Ollama's
   ``{"error": "..."}``, OpenAI's or Anthropic's for the pass-through routes),
   for the answers given here and by `auth`, before any handler runs.
@@ -110,6 +113,100 @@ class Gate:
                 await app(scope, receive, send)
             finally:
                 gate.inflight -= 1
+
+        return limited
+
+
+# --- request bodies ----------------------------------------------------------------------------
+
+
+def too_large_message(limit: int) -> str:
+    return f"request body too large: the limit is {limit / (1 << 20):g} MiB (server.max_body_mb)"
+
+
+async def too_large(send: Send, path: str, limit: int) -> None:
+    await send_error(send, path, 413, too_large_message(limit))
+
+
+def declared_length(scope: Scope) -> int | None:
+    """The request's ``content-length`` (None when absent or not a number)."""
+    for name, value in scope.get("headers") or ():
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
+
+
+def is_chunked(scope: Scope) -> bool:
+    """A body sent without a length (``transfer-encoding``): only reading it tells its size."""
+    return any(name == b"transfer-encoding" for name, _ in scope.get("headers") or ())
+
+
+async def read_body(scope: Scope, receive: Receive, send: Send, limit: int) -> bytes | None:
+    """The whole body (within `limit`), or None once an error was sent (or the client left)."""
+    length = declared_length(scope)
+    if length is not None and length > limit:
+        await too_large(send, scope["path"], limit)
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            await too_large(send, scope["path"], limit)
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """`receive` that gives `body`, already read, first."""
+    sent = False
+
+    async def replayed() -> MutableMapping[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+class BodyLimit:
+    """At most `limit` bytes of request body, on every route; a reload may change `limit`.
+
+    Litestar has a limit of its own, but it keeps the first value each route resolved, so a
+    limit that follows models.yaml while serving has to be checked here, in front of it.
+    A declared length is checked before any byte is read (the HTTP parser never passes on
+    more than it declares); a chunked body is read up to the limit, then handed on.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def middleware(self, app: ASGIApp) -> ASGIApp:
+        body_limit = self
+
+        async def limited(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            limit = body_limit.limit
+            length = declared_length(scope)
+            if length is not None and length > limit:
+                await too_large(send, scope["path"], limit)
+                return
+            if length is None and is_chunked(scope):
+                body = await read_body(scope, receive, send, limit)
+                if body is None:
+                    return
+                receive = replay(body, receive)
+            await app(scope, receive, send)
 
         return limited
 

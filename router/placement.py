@@ -1030,8 +1030,13 @@ def supports_kv_cache_memory_bytes(python: str | None = None) -> bool:
 # --- showing the plan ------------------------------------------------------------
 
 
-def render_plan_table(plan: Plan) -> Any:
-    """The plan as rich tables (devices, then models) for `vllama check`; print it with a rich Console."""
+def render_plan_table(plan: Plan, on_demand: Mapping[str, Plan] | None = None) -> Any:
+    """The plan as rich tables (devices, then models) for `vllama check`; print it with a rich Console.
+
+    `on_demand`: model name → its own plan beside `plan`'s models (as it is planned when it
+    starts). Those rows say "on demand" and leave the devices table alone: nothing of theirs
+    is budgeted at boot, and two of them may each fit only by evicting the other.
+    """
     from rich.console import Group
     from rich.table import Table
 
@@ -1055,18 +1060,11 @@ def render_plan_table(plan: Plan) -> Any:
     mod = Table(title="Models (GiB)", title_justify="left")
     for col in ("Model", "Where", "Budget", "Needs", "Enforcement", "Why"):
         mod.add_column(col, overflow="fold")
-    for name, p in plan.placements.items():
-        where = "RAM" if p.device == "cpu" else "GPU " + ",".join(str(i) for i in p.gpus)
-        if p.kept:
-            where += " (running)"
-        enforce = " ".join(p.vllm_args + [f"{k}={v}" for k, v in p.env.items() if k != "CUDA_DEVICE_ORDER"])
-        need = "?" if p.need_bytes is None else gib(p.need_bytes, up=True)
-        # Rounded as the need is: a default budget (= the need, 3.003 GiB) must not read "3" beside "3.1".
-        mod.add_row(name, where, gib(p.budget_bytes, up=p.need_bytes is not None), need, enforce, p.reason)
-    for name, why in plan.refused.items():
-        mod.add_row(f"[red]{name}[/red]", "[red]refused[/red]", "", "", "", "; ".join(why))
-    for name, why in plan.skipped.items():
-        mod.add_row(name, "remote", "", "", "", why)
+    for row in _model_rows(plan):
+        mod.add_row(*row)
+    for alone in (on_demand or {}).values():
+        for row in _model_rows(alone, on_demand=True):
+            mod.add_row(*row)
 
     parts: list[Any] = []
     if plan.note:
@@ -1077,12 +1075,38 @@ def render_plan_table(plan: Plan) -> Any:
     return Group(*parts)
 
 
-def format_plan(plan: Plan, width: int = 160) -> str:
-    """The plan as plain text (logs, tests, non-terminals)."""
+ON_DEMAND_WHY = "on demand: placed when first requested, beside the always models"
+
+
+def _model_rows(plan: Plan, on_demand: bool = False) -> list[list[str]]:
+    """One row (rich markup) per model of `plan`: placed, refused or remote. An on-demand
+    model's plan is only what it would get when started beside the `always` ones, so its row
+    says so rather than passing for a boot placement."""
+    rows = []
+    for name, p in plan.placements.items():
+        where = "RAM" if p.device == "cpu" else "GPU " + ",".join(str(i) for i in p.gpus)
+        if p.kept:
+            where += " (running)"
+        enforce = " ".join(p.vllm_args + [f"{k}={v}" for k, v in p.env.items() if k != "CUDA_DEVICE_ORDER"])
+        need = "?" if p.need_bytes is None else gib(p.need_bytes, up=True)
+        # Rounded as the need is: a default budget (= the need, 3.003 GiB) must not read "3" beside "3.1".
+        budget = gib(p.budget_bytes, up=p.need_bytes is not None)
+        why = f"{ON_DEMAND_WHY}; {p.reason}" if on_demand else p.reason
+        rows.append([name, where + (" (on demand)" if on_demand else ""), budget, need, enforce, why])
+    for name, problems in plan.refused.items():
+        refused = "refused (on demand)" if on_demand else "refused"
+        rows.append([f"[red]{name}[/red]", f"[red]{refused}[/red]", "", "", "", "; ".join(problems)])
+    for name, why in plan.skipped.items():
+        rows.append([name, "remote (on demand)" if on_demand else "remote", "", "", "", why])
+    return rows
+
+
+def format_plan(plan: Plan, width: int = 160, on_demand: Mapping[str, Plan] | None = None) -> str:
+    """The plan as plain text (logs, tests, non-terminals); `on_demand` as in `render_plan_table`."""
     from rich.console import Console
 
     buf = io.StringIO()
     Console(file=buf, width=width, color_system=None, force_terminal=False, highlight=False).print(
-        render_plan_table(plan)
+        render_plan_table(plan, on_demand)
     )
     return buf.getvalue()

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -26,10 +27,11 @@ import uvloop
 from . import limits, supervisor
 from .admin import admin_router, library_routes
 from .app import create_app
-from .auth import AuthError, KeyStore, warn_if_exposed
+from .auth import AuthError, Guard, KeyStore, warn_if_exposed
 from .catalog import Catalog
-from .config import Config, resolve_state_dir
-from .lifecycle import Fleet
+from .config import Config, ConfigError, Server, resolve_state_dir, server_changes
+from .lifecycle import Fleet, ReloadRejected
+from .limits import ASGIApp, BodyLimit, Gate
 from .metrics import Metrics, metrics_route
 from .service import OllamaService
 from .supervisor import Paths, Supervisor, SupervisorError
@@ -92,6 +94,128 @@ def http_config(app: Any, config: Config, opts: Options) -> uvicorn.Config:
     )
 
 
+def body_bytes(server: Server) -> int:
+    return int(server.max_body_mb * 1024 * 1024)
+
+
+@dataclass
+class LiveServer:
+    """The `server` settings of models.yaml that a reload applies while serving, and those it cannot.
+
+    The request path reads the key store, the body limit and the in-flight cap from these
+    objects on every request, so a reload that changes them holds from the next request
+    (turning auth on included). The keys read once at startup (see config.LIVE_SERVER_KEYS)
+    are never silently dropped: `restart_needed` names those that differ from `started`.
+    """
+
+    started: Server
+    """The `server` section serving began with."""
+    guard: Guard
+    body: BodyLimit
+    gate: Gate
+    host: str
+    """The address listened on (for the warning about serving it without keys)."""
+    http: uvicorn.Config | None = None
+    """uvicorn's settings: its graceful shutdown follows server.shutdown_grace."""
+
+    @classmethod
+    def create(cls, config: Config, fleet: Fleet, keys: KeyStore | None, host: str) -> LiveServer:
+        s = config.server
+        return cls(started=s, guard=Guard(keys, lambda: fleet.config, body_bytes(s)), body=BodyLimit(body_bytes(s)),
+                   gate=Gate(s.max_inflight), host=host)
+
+    def wrap(self, app: ASGIApp) -> ASGIApp:
+        """`app` behind the keys, the body limit and the in-flight cap, in that order:
+        a request without a valid key is refused before its body is read or it takes a slot."""
+        return self.guard.middleware(self.body.middleware(self.gate.middleware(app)))
+
+    def restart_needed(self, current: Server) -> list[str]:
+        """The keys of `current` that differ from what serving began with and only a restart applies."""
+        return ["server." + key for key in server_changes(self.started, current)[1]]
+
+    def keys_for(self, old: Config, new: Config) -> KeyStore | None:
+        """The key store `new` asks for (the one in use if its auth is unchanged: it re-reads its
+        file itself); AuthError if unusable, before anything changes."""
+        if new.server.auth == old.server.auth:
+            return self.guard.store
+        return KeyStore.from_config(new.server.auth, new.base_dir)
+
+    def apply(self, server: Server, keys: KeyStore | None) -> None:
+        """Serve the next request with `server`'s live keys; a switch of auth is a WARNING either way."""
+        was = self.guard.store
+        self.guard.store = keys
+        self.guard.max_body_bytes = self.body.limit = body_bytes(server)
+        self.gate.limit = server.max_inflight
+        if self.http is not None:
+            self.http.timeout_graceful_shutdown = math.ceil(server.shutdown_grace)
+        if was is None and keys is not None:
+            log.warning("server.auth is now enabled: every request needs an API key")
+        elif was is not None and keys is None:
+            log.warning("server.auth is now disabled: requests are no longer checked for API keys")
+            warn_if_exposed(self.host, None)
+
+
+class ServingFleet(Fleet):
+    """The fleet of `vllama serve`: its reloads apply the `server` section too (`LiveServer`).
+
+    A server section that cannot be used (auth on without a readable key) rejects the whole
+    reload like an invalid registry: the previous settings keep serving. Settings apply before
+    the models do, so that auth turned on protects the next request, and are put back if the
+    registry is then rejected.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.live: LiveServer | None = None
+        self._server_lock = asyncio.Lock()
+        """One reload at a time from its check to its end: a rejected one puts back its own predecessor's settings."""
+
+    async def reload(self, new: Config) -> dict[str, list[str]]:
+        live = self.live
+        if live is None:
+            return await super().reload(new)
+        async with self._server_lock:
+            return await self._reload_with_server(live, new)
+
+    async def _reload_with_server(self, live: LiveServer, new: Config) -> dict[str, list[str]]:
+        old = self.config
+        try:
+            keys = live.keys_for(old, new)
+        except AuthError as e:
+            raise ConfigError([f"server.auth: {e}"], str(new.path) if new.path else None) from None
+        previous = live.guard.store
+        live.apply(new.server, keys)
+        try:
+            d = await super().reload(new)
+        except ReloadRejected:
+            live.apply(old.server, previous)
+            raise
+        return {**d, **self._report(live, old.server, new.server)}
+
+    @staticmethod
+    def _report(live: LiveServer, old: Server, new: Server) -> dict[str, list[str]]:
+        """What the reload did with the `server` section, logged and returned with its changes."""
+        applied, restart = server_changes(old, new)
+        pending = live.restart_needed(new)
+        if applied:
+            log.info("server settings applied: %s", ", ".join(applied))
+        if restart:
+            log.warning("models.yaml changed %s: not applied, `vllama serve` must be restarted for it "
+                        "(still serving with the values it started with)", ", ".join("server." + k for k in restart))
+        return {"server_applied": ["server." + k for k in applied], "restart_needed": pending}
+
+
+def api_app(config: Config, fleet: ServingFleet, service: OllamaService, keys: KeyStore | None, host: str,
+            extra_routes: list[Any]) -> ASGIApp:
+    """The API as `vllama serve` serves it: Litestar behind `fleet.live` (set here), which holds
+    the keys, the body limit and the in-flight cap, so that a reload changes them; Litestar
+    gets no body limit of its own (it would keep the first value each route saw)."""
+    live = fleet.live = LiveServer.create(config, fleet, keys, host)
+    routes = [admin_router(fleet, fleet.memory, restart_needed=lambda: live.restart_needed(fleet.config.server)),
+              *library_routes(fleet), *extra_routes]
+    return live.wrap(create_app(service, Catalog(config), extra_routes=routes, max_body_bytes=sys.maxsize))
+
+
 class StopSignals:
     """SIGTERM and Ctrl-C stop `vllama serve` at any point, through its cleanup.
 
@@ -151,16 +275,17 @@ async def _serve(config: Config, opts: Options, keys: KeyStore | None, stop: Sto
         if stop.server is not None:
             stop.server.should_exit = True
 
-    fleet = Fleet(config, sup, upstream, on_supervisor_lost=supervisor_lost)
+    fleet = ServingFleet(config, sup, upstream, on_supervisor_lost=supervisor_lost)
     metrics = Metrics()
     fleet.metrics = metrics
     service = OllamaService(fleet, upstream)
-    routes = [admin_router(fleet, fleet.memory), *library_routes(fleet), metrics_route(metrics, fleet)]
-    app = create_app(service, Catalog(config), extra_routes=routes,
-                     max_body_bytes=int(s.max_body_mb * 1024 * 1024), auth=keys, max_inflight=s.max_inflight)
-    warn_if_exposed(opts.host or s.host, keys)
+    app = api_app(config, fleet, service, keys, opts.host or s.host, [metrics_route(metrics, fleet)])
+    live = fleet.live
+    assert live is not None
+    warn_if_exposed(live.host, keys)
 
     server = stop.server = uvicorn.Server(http_config(app, config, opts))
+    live.http = server.config
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(fleet.reload_file()))
     watcher = asyncio.create_task(watch_registry(fleet)) if s.watch and config.path else None

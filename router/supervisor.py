@@ -384,6 +384,24 @@ class Supervisor:
             if "NOT_RUNNING" not in e.faultString and "BAD_NAME" not in e.faultString:
                 raise
 
+    async def exit_cause(self, name: str, info: Mapping[str, Any] | None) -> str | None:
+        """How `name`'s last process ended: "exit status 1", "killed by SIGKILL", or the
+        reason it could not be spawned; None if `info` shows no exit.
+
+        getProcessInfo has the exit status but, for a signal, only -1 (its `description`
+        of an exited process is the time it stopped), and for an exit within startsecs
+        only "Exited too quickly": then the line supervisord logs for the exit says how,
+        read from its own log.
+        """
+        cause = exit_status(info)
+        if cause != KILLED_BY_A_SIGNAL and not (cause or "").startswith(EXITED_TOO_QUICKLY):
+            return cause
+        try:
+            text = await self.call("supervisor.readLog", -LOG_READ_BYTES, 0)
+        except (OSError, xmlrpc.client.Error, http.client.HTTPException):
+            return cause
+        return logged_exit(str(text), name) or cause
+
     async def stop_all(self) -> None:
         """Stop every program; a supervisord that cannot be reached is not an error here
         (the caller then stops what is left by its environment, see `kill_stale`)."""
@@ -408,8 +426,44 @@ class Supervisor:
             await asyncio.to_thread(self.process.wait)
 
 
+KILLED_BY_A_SIGNAL = "killed by a signal"
+EXITED_TOO_QUICKLY = "Exited too quickly"
+"""supervisord's spawnerr for an exit within startsecs: how it exited is only in its log."""
+LOG_READ_BYTES = 64 * 1024
+_EXITED_LINE = re.compile(r"exited: (?P<name>\S+) \((?P<why>[^;\n]+); (?:not )?expected\)")
+
+
+def exit_status(info: Mapping[str, Any] | None) -> str | None:
+    """How a process ended, as far as supervisord's getProcessInfo tells (see `Supervisor.exit_cause`)."""
+    state = info.get("statename") if info else None
+    if not info or state not in ("EXITED", "BACKOFF", "FATAL"):
+        return None
+    if state != "EXITED" and info.get("spawnerr"):  # EXITED's is "Bad exit code N": no news
+        return str(info["spawnerr"])  # could not be spawned, or "Exited too quickly (…)"
+    status = info.get("exitstatus")
+    if status == -1:
+        return KILLED_BY_A_SIGNAL
+    return f"exit status {status}" if isinstance(status, int) else None
+
+
+def logged_exit(text: str, name: str) -> str | None:
+    """What supervisord's log says of `name`'s last exit ("exited: NAME (terminated by
+    SIGKILL; not expected)" → "killed by SIGKILL"); None if it says nothing of it."""
+    why = None
+    for m in _EXITED_LINE.finditer(text):
+        if m["name"] == name:
+            why = m["why"]
+    return why.replace("terminated by ", "killed by ", 1) if why else None
+
+
 def tail_file(path: Path, lines: int = 50, max_bytes: int = 256 * 1024) -> list[str]:
-    """The last `lines` lines of a log file (vLLM's, for error messages)."""
+    """The last `lines` lines of a log file (vLLM's, for error messages).
+
+    None for `lines` <= 0, like ``tail -n 0`` (`vllama logs -f -n 0` follows only new
+    lines): ``text[-0:]`` would be the whole file.
+    """
+    if lines <= 0:
+        return []
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
+import socket
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -25,6 +27,7 @@ from typing import Any, NoReturn
 import aiohttp
 import httpx
 import msgspec
+import psutil
 from httpx_aiohttp import AiohttpTransport
 
 from .translate import upstream_error_message
@@ -395,3 +398,35 @@ class Upstream:
 
         keep = {k: v for k, v in resp.headers.items() if k.lower() in ("content-type", "cache-control")}
         return resp.status_code, keep, body_iter()
+
+
+_LOOPBACK = frozenset({"127.0.0.1", "::1", "::ffff:127.0.0.1"})
+
+
+def sever_connections(port: int) -> int:
+    """Shut down this process's TCP connections to a vLLM server on 127.0.0.1:`port`;
+    how many. For a stop (`lifecycle.Fleet`): whatever request is on them, streamed or
+    not, waiting for its head or its next token, ends with a closed connection at once.
+
+    Through the socket itself (a duplicate of its descriptor, found by psutil), not the
+    HTTP client: whichever request reads from it gets a closed connection, and the server
+    sees the client leave. The peer is checked again on the duplicate, in case the
+    descriptor was closed and reused meanwhile.
+    """
+    cut = 0
+    for conn in psutil.Process().net_connections(kind="tcp"):
+        if conn.fd < 0 or not conn.raddr or conn.raddr.port != port or conn.raddr.ip not in _LOOPBACK:
+            continue
+        try:
+            sock = socket.socket(fileno=os.dup(conn.fd))
+        except OSError:
+            continue
+        try:
+            if sock.getpeername()[1] == port:
+                sock.shutdown(socket.SHUT_RDWR)
+                cut += 1
+        except OSError:
+            pass
+        finally:
+            sock.close()
+    return cut

@@ -268,6 +268,28 @@ def test_list_shows_local_time(server: Callable[[Handler], None], monkeypatch: p
     assert r.stdout.splitlines()[1].split("\t")[-1] == "2026-01-03 08:30:00"
 
 
+def test_list_and_ps_sizes_read_at_every_scale(server: Callable[[Handler], None]) -> None:
+    """A 3.4 MB model was listed as `0.0 GiB`; sizes use the units of `pull` and `rm`."""
+    models = [{"name": f"m{i}:latest", "digest": "abc", "size": size, "download": "complete",
+               "modified_at": "2026-01-02T23:30:00+00:00"} for i, size in enumerate([3_400_000, 4_700_000_000, 512])]
+    server(lambda req: httpx.Response(200, json={"models": models}))
+    r = invoke("list")
+    assert r.exit_code == 0
+    assert [line.split("\t")[2] for line in r.stdout.splitlines()[1:]] == ["3.2 MiB", "4.4 GiB", "512 B"]
+
+    row = {**status("ready", ""), "devices": [], "memory_used": 300 << 20, "memory_budget": 1 << 30}
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if req.url.path == "/vllama/config":
+            return httpx.Response(200, json={"path": "x", "reload_error": None})
+        return httpx.Response(200, json=[row])
+
+    server(handler)
+    r = invoke("ps")
+    assert r.exit_code == 0
+    assert "300.0 MiB / 1.0 GiB" in r.stdout.splitlines()[1].split("\t")
+
+
 # --- run ---------------------------------------------------------------------------
 
 
@@ -441,6 +463,34 @@ def test_check_default_registry(tiny_model: Path, tmp_path: Path) -> None:
     budget, needs = (c.strip() for c in row.split("│")[3:5])
     assert float(budget) >= float(needs)
     assert "\x1b[" not in r.stdout
+
+
+def test_check_lists_on_demand_models(tiny_model: Path, tmp_path: Path) -> None:
+    """`check` said "3 models" but its table listed only the `always` one."""
+    default = (REPO / "configs" / "models.yaml").read_text()
+    cfg = tmp_path / "models.yaml"
+    cfg.write_text(default.replace("source: ../models/tiny ", f"source: {tiny_model} ") + f"""
+  - name: lazy:latest
+    source: {tiny_model}
+    max_model_len: 2048
+    load: on_demand
+  - name: far:latest
+    source: org/far
+    url: http://127.0.0.1:9/v1
+    load: on_demand
+""")
+    r = invoke("check", "--config", str(cfg))
+    assert r.exit_code == 0, r.output
+    assert ": 3 models\n" in r.stdout
+    rows = {line.split("│")[1].strip(): line for line in r.stdout.splitlines() if line.startswith("│ ")}
+    assert "on demand" not in rows["tiny:latest"]
+    lazy = [c.strip() for c in rows["lazy:latest"].split("│")[1:-1]]
+    assert lazy[1] == "RAM (on demand)" and float(lazy[2]) >= float(lazy[3])
+    assert lazy[5].startswith("on demand: placed when first requested")
+    assert "remote (on demand)" in rows["far:latest"]
+    # The devices table shows boot: only the `always` model is budgeted there.
+    ram = next(line for line in r.stdout.splitlines() if line.startswith("│ RAM "))
+    assert "tiny:latest" in ram and "lazy:latest" not in ram
 
 
 def test_check_bad_path_is_clean(tmp_path: Path) -> None:

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import signal
+import subprocess
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -19,7 +23,8 @@ import pytest
 from router.config import parse
 from router.gpu import HostMemory
 from router.lifecycle import Fleet, State
-from router.supervisor import Paths, Program
+from router.supervisor import Paths, Program, Supervisor
+from router.upstream import Upstream, UpstreamError
 
 GIB = 1 << 30
 
@@ -32,13 +37,17 @@ class Supervisord:
         self.programs: dict[str, Program] = {}
         self.applied: list[dict[str, Program]] = []
         self.running: dict[str, int] = {}
-        self.exited: set[str] = set()
+        self.exited: dict[str, int] = {}
+        """Program → its last process's exit status (-1: killed by a signal)."""
+        self.log = ""
+        """supervisord's own log, as readLog gives it."""
         self.calls: list[tuple[str, str]] = []
         self.stop_gate = asyncio.Event()
         self.stop_gate.set()
         self.apply_gate = asyncio.Event()
         self.apply_gate.set()
-        self._pids = itertools.count(1000)
+        # Above any pid_max (2**22): the Fleet kills each stopped "process group" it is told of.
+        self._pids = itertools.count(1 << 23)
 
     async def apply(self, programs: Iterable[Program]) -> tuple[list[str], list[str], list[str]]:
         await self.apply_gate.wait()
@@ -51,13 +60,22 @@ class Supervisord:
     async def start(self, name: str) -> None:
         assert name in self.programs, f"start of unknown program {name}"
         self.calls.append(("start", name))
-        self.exited.discard(name)
+        self.exited.pop(name, None)
         self.running.setdefault(name, next(self._pids))
 
-    def crash(self, name: str) -> None:
-        """The server exits on its own (supervisord restarts nothing: autorestart=false)."""
+    def crash(self, name: str, signal: str | None = None) -> None:
+        """The server exits on its own (supervisord restarts nothing: autorestart=false):
+        with exit status 1, or killed by `signal`, logged as supervisord logs it."""
         del self.running[name]
-        self.exited.add(name)
+        self.exited[name] = -1 if signal else 1
+        why = f"terminated by {signal}" if signal else "exit status 1"
+        self.log += f"2026-12-03 14:00:00,000 WARN exited: {name} ({why}; not expected)\n"
+
+    async def call(self, method: str, *args: Any) -> Any:
+        assert method == "supervisor.readLog", method
+        return self.log
+
+    exit_cause = Supervisor.exit_cause
 
     async def stop(self, name: str) -> None:
         self.calls.append(("stop", name))
@@ -65,7 +83,8 @@ class Supervisord:
         self.running.pop(name, None)
 
     async def processes(self) -> dict[str, dict[str, Any]]:
-        out = {n: {"statename": "EXITED", "pid": 0, "description": "exit status 1"} for n in self.exited}
+        out = {n: {"statename": "EXITED", "pid": 0, "description": "Dec 03 02:00 PM", "exitstatus": status,
+                   "spawnerr": f"Bad exit code {status}"} for n, status in self.exited.items()}
         return out | {n: {"statename": "RUNNING", "pid": pid} for n, pid in self.running.items()}
 
     def alive(self) -> bool:
@@ -525,3 +544,183 @@ async def test_a_missing_always_model_starts_once_its_files_are_there(tmp_path: 
         await until(lambda: a.program in sup.started())
     finally:
         await fleet.close()
+
+
+# --- keep_alive: each request sets it anew -------------------------------------------------------
+
+
+async def test_a_request_without_keep_alive_uses_the_models_own_after_one_with_0(tmp_path: Path,
+                                                                                model_dir: Path) -> None:
+    """As in Ollama: one `keep_alive: 0` unloads the model after *that* request; later requests
+    without keep_alive keep it loaded for the model's configured keep_alive."""
+    cfg = registry(model_dir, {"name": "a", "load": "on_demand", "keep_alive": "10m"})
+    fleet, sup, health = await fleet_of(cfg, tmp_path)
+    try:
+        a = fleet.runtimes["a:latest"]
+        make_ready(fleet, health, "a:latest")
+        (await fleet.acquire("a", keep_alive=0)).release()
+        await until(lambda: a.state == State.STOPPED)  # unloaded after that request
+
+        lease = await fleet.acquire("a")  # started again
+        lease.release()
+        await asyncio.sleep(0.5)
+        assert a.state == State.READY and sup.calls.count(("stop", a.program)) == 1
+        assert a.keep_alive == 600
+        assert a.expires_at is not None and a.expires_at - time.time() > 590
+
+        (await fleet.acquire("a", keep_alive=3600)).release()
+        assert a.keep_alive == 3600  # the latest request's own, while given
+        (await fleet.acquire("a")).release()
+        assert a.keep_alive == 600
+    finally:
+        await fleet.close()
+
+
+# --- why a server exited --------------------------------------------------------------------------
+
+ACCESS = 'INFO:     127.0.0.1:36284 - "POST /v1/chat/completions HTTP/1.1" 200 OK'
+
+
+def write_log(sup: Supervisord, program: str, *lines: str) -> None:
+    path = sup.paths.log(program)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines))
+
+
+async def test_a_crash_is_told_by_its_exit_status_or_signal_not_the_last_log_line(tmp_path: Path,
+                                                                                 model_dir: Path) -> None:
+    fleet, sup, health = await fleet_of(registry(model_dir, {"name": "a"}), tmp_path)
+    try:
+        a = fleet.runtimes["a:latest"]
+        make_ready(fleet, health, "a:latest")
+        await until(lambda: a.state == State.READY)
+        pid = a.pid
+        write_log(sup, a.program, "INFO: Started server process", ACCESS, ACCESS)
+        sup.crash(a.program, "SIGKILL")  # the OOM killer, say: the log just stops
+        await until(lambda: a.state == State.RESTARTING)
+        assert a.reason == f"process {pid} exited (killed by SIGKILL)"
+
+        await until(lambda: a.state == State.READY)  # restarted
+        pid = a.pid
+        write_log(sup, a.program, "Traceback (most recent call last):", '  File "x.py", line 1, in <module>',
+                  "RuntimeError: CUDA error: an illegal memory access was encountered", ACCESS)
+        sup.crash(a.program)
+        await until(lambda: a.state == State.RESTARTING)
+        assert a.reason == (f"process {pid} exited (exit status 1): "
+                            "RuntimeError: CUDA error: an illegal memory access was encountered")
+    finally:
+        await fleet.close()
+
+
+# --- what is left of a process group ----------------------------------------------------------------
+
+
+def process_group() -> subprocess.Popen[bytes]:
+    """A process leading a group of its own, as supervisord starts a vLLM server."""
+    return subprocess.Popen(["sleep", "60"], start_new_session=True)
+
+
+async def test_a_deliberate_stop_kills_what_is_left_of_its_group_without_a_warning(
+        tmp_path: Path, model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """After supervisord stopped a server, its EngineCore may still be on its way out:
+    killing it is routine, not a warning in every keep_alive unload."""
+    fleet, sup, health = await fleet_of(registry(model_dir, {"name": "a", "load": "on_demand"}), tmp_path)
+    proc = process_group()
+    try:
+        a = fleet.runtimes["a:latest"]
+        sup._pids = iter([proc.pid])  # type: ignore[assignment]
+        make_ready(fleet, health, "a:latest")
+        (await fleet.acquire("a")).release()
+        assert a.pid == proc.pid
+        caplog.set_level(logging.DEBUG, logger="vllama.lifecycle")
+        await fleet.stop_model(a, "keep_alive 0")
+        assert proc.wait(5) == -signal.SIGKILL
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    finally:
+        proc.kill()
+        await fleet.close()
+
+
+async def test_leftovers_of_a_server_that_died_on_its_own_are_killed_with_a_warning(
+        tmp_path: Path, model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    fleet, sup, health = await fleet_of(registry(model_dir, {"name": "a", "load": "on_demand"}), tmp_path)
+    proc = process_group()
+    try:
+        a = fleet.runtimes["a:latest"]
+        sup._pids = iter([proc.pid, *range(1 << 23, (1 << 23) + 10)])  # type: ignore[assignment]
+        make_ready(fleet, health, "a:latest")
+        (await fleet.acquire("a")).release()
+        sup.crash(a.program)  # the leader died; its children (here: the leader) live on
+        await until(lambda: a.state != State.READY)
+        assert proc.wait(5) == -signal.SIGKILL
+        assert f"killed leftover processes of group {proc.pid}" in caplog.text
+    finally:
+        proc.kill()
+        await fleet.close()
+
+
+# --- a stop with requests in flight -----------------------------------------------------------------
+
+
+class StallingServer:
+    """vLLM once SIGTERM aborted its engine: a stream that sent its first chunk and then
+    nothing, and an HTTP server that exits only once that connection is closed."""
+
+    def __init__(self) -> None:
+        self.closed = asyncio.Event()
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        data = b'data: {"choices": [{"delta": {"content": "Hi"}}]}\n\n'
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                     + f"{len(data):x}\r\n".encode() + data + b"\r\n")
+        await writer.drain()
+        while await reader.read(65536):
+            pass
+        self.closed.set()
+        writer.close()
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+
+async def test_a_stop_ends_the_streams_in_flight_at_once(tmp_path: Path, model_dir: Path) -> None:
+    """`vllama stop` of a model that streams: the stop does not wait for stopwaitsecs, and
+    the stream ends with an error at once instead of stalling until SIGKILL."""
+    server = StallingServer()
+    await server.start()
+    fleet, sup, health = await fleet_of(
+        registry(model_dir, {"name": "a", "load": "on_demand", "port": server.port}), tmp_path)
+    upstream = Upstream()
+
+    async def stop(name: str) -> None:  # supervisord: TERM, then wait for the server to exit
+        sup.calls.append(("stop", name))
+        await asyncio.wait_for(server.closed.wait(), 20)  # stopwaitsecs, then SIGKILL
+        sup.running.pop(name, None)
+
+    try:
+        a = fleet.runtimes["a:latest"]
+        make_ready(fleet, health, "a:latest")
+        lease = await fleet.acquire("a")
+        events = upstream.events(a.base_url, "/v1/chat/completions", {"stream": True})
+        assert (await anext(events))[0]["choices"][0]["delta"]["content"] == "Hi"
+        reading = asyncio.create_task(anext(events))
+        sup.stop = stop  # type: ignore[method-assign]
+        began = time.monotonic()
+        await asyncio.wait_for(fleet.stop_model(a, "stopped by admin", hold=True), 5)
+        assert time.monotonic() - began < 2 and a.state == State.STOPPED
+        with pytest.raises(UpstreamError) as e:
+            await asyncio.wait_for(reading, 2)
+        assert e.value.status == 502
+        lease.release()
+    finally:
+        await upstream.aclose()
+        await fleet.close()
+        server.close()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -198,3 +200,54 @@ def test_a_second_serve_on_the_same_state_dir_is_refused_and_stops_nothing(paths
     fd = supervisor.claim(paths)
     assert paths.lock.read_text().strip() == str(os.getpid())
     os.close(fd)
+
+
+# --- how a process ended ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("info", "expected"), [
+    ({"statename": "EXITED", "exitstatus": -1, "spawnerr": "Bad exit code -1"}, supervisor.KILLED_BY_A_SIGNAL),
+    ({"statename": "EXITED", "exitstatus": 1, "spawnerr": "Bad exit code 1"}, "exit status 1"),
+    ({"statename": "FATAL", "exitstatus": None, "spawnerr": "can't find command 'vllm'"}, "can't find command 'vllm'"),
+    ({"statename": "RUNNING", "exitstatus": 0, "spawnerr": ""}, None),
+    (None, None),
+])
+def test_exit_status_from_process_info(info: dict[str, object] | None, expected: str | None) -> None:
+    assert supervisor.exit_status(info) == expected
+
+
+def test_the_logged_exit_is_the_programs_last() -> None:
+    log = ("2026-12-03 14:00:00,000 WARN exited: vllm-a-8001 (exit status 1; not expected)\n"
+           "2026-12-03 14:00:01,000 WARN exited: vllm-b-8002 (terminated by SIGTERM; not expected)\n"
+           "2026-12-03 14:05:00,000 WARN exited: vllm-a-8001 (terminated by SIGKILL (core dumped); not expected)\n")
+    assert supervisor.logged_exit(log, "vllm-a-8001") == "killed by SIGKILL (core dumped)"
+    assert supervisor.logged_exit(log, "vllm-b-8002") == "killed by SIGTERM"
+    assert supervisor.logged_exit(log, "vllm-a-800") is None
+
+
+async def test_exit_cause_names_the_signal_or_status_from_real_supervisord(paths: Paths) -> None:
+    """What a crash's reason says comes from supervisord: a signal (its info has only -1) and
+    an exit within startsecs (its info says "Exited too quickly") are read from its log."""
+    sup = supervisor.Supervisor.spawn(paths)
+    try:
+        await sup.apply([Program("sleeper", ("sleep", "60"), {}), Program("failer", ("sh", "-c", "exit 3"), {})])
+        await sup.start("sleeper")
+        await sup.start("failer")
+        infos = await until_state(sup, "sleeper", "RUNNING")  # after startsecs (5 s)
+        os.kill(infos["sleeper"]["pid"], signal.SIGKILL)
+        infos = await until_state(sup, "sleeper", "EXITED")
+        assert await sup.exit_cause("sleeper", infos["sleeper"]) == "killed by SIGKILL"
+        infos = await until_state(sup, "failer", "BACKOFF", "FATAL")
+        assert await sup.exit_cause("failer", infos["failer"]) == "exit status 3"
+        assert await sup.exit_cause("failer", {"statename": "RUNNING"}) is None
+    finally:
+        await sup.shutdown()
+
+
+async def until_state(sup: supervisor.Supervisor, name: str, *states: str) -> dict[str, dict[str, object]]:
+    async with asyncio.timeout(20):
+        while True:
+            infos = await sup.processes()
+            if infos[name]["statename"] in states:
+                return infos
+            await asyncio.sleep(0.1)
