@@ -132,6 +132,7 @@ def _fmt(v: Any, digits: int = 1) -> str:
 
 def print_rows(title: str, rows: Sequence[Row], chunks: bool = False) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title=title, title_justify="left")
@@ -141,7 +142,7 @@ def print_rows(title: str, rows: Sequence[Row], chunks: bool = False) -> None:
     for c in cols:
         t.add_column(c, justify="left" if c == "target" else "right")
     for r in rows:
-        vals = [r.target, str(r.concurrency), "yes" if r.stream else "no", str(r.requests), str(r.errors),
+        vals = [escape(r.target), str(r.concurrency), "yes" if r.stream else "no", str(r.requests), str(r.errors),
                 _fmt(r.wall_s, 2), _fmt(r.req_s), _fmt(r.tok_s)]
         vals += [_fmt(r.chunks_s, 0)] if chunks else []
         vals += [_fmt(r.tokens_per_req), _fmt(r.ttft_p50_ms, 2), _fmt(r.ttft_p99_ms, 2), _fmt(r.lat_p50_ms, 2),
@@ -155,13 +156,14 @@ def print_rows(title: str, rows: Sequence[Row], chunks: bool = False) -> None:
 
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title=title, title_justify="left")
     for i, h in enumerate(header):
         t.add_column(h, justify="left" if i == 0 else "right")
-    for row in rows:
-        t.add_row(*[_fmt(v, 3) if isinstance(v, float) else str(v) for v in row])
+    for row in rows:  # escaped: a target named "vllama[rev-old] /v1" is not rich markup
+        t.add_row(*[_fmt(v, 3) if isinstance(v, float) else escape(str(v)) for v in row])
     Console(width=200).print(t)
 
 
