@@ -234,6 +234,18 @@ def test_stop_does_not_offer_waiting_for_ready() -> None:
 # --- tables ----------------------------------------------------------------------
 
 
+def _ps(server: Callable[[Handler], None], row: dict[str, Any]) -> Result:
+    """`vllama ps` against a server whose one model is `row` (no reload error)."""
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if req.url.path == "/vllama/config":
+            return httpx.Response(200, json={"path": "x", "reload_error": None})
+        return httpx.Response(200, json=[row])
+
+    server(handler)
+    return invoke("ps")
+
+
 def test_ps_table_shows_reasons_with_brackets(server: Callable[[Handler], None],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FORCE_COLOR", "1")  # a terminal: the rich table, not tab-separated text
@@ -278,14 +290,7 @@ def test_list_and_ps_sizes_read_at_every_scale(server: Callable[[Handler], None]
     assert [line.split("\t")[2] for line in r.stdout.splitlines()[1:]] == ["3.2 MiB", "4.4 GiB", "512 B"]
 
     row = {**status("ready", ""), "devices": [], "memory_used": 300 << 20, "memory_budget": 1 << 30}
-
-    def handler(req: httpx.Request) -> httpx.Response:
-        if req.url.path == "/vllama/config":
-            return httpx.Response(200, json={"path": "x", "reload_error": None})
-        return httpx.Response(200, json=[row])
-
-    server(handler)
-    r = invoke("ps")
+    r = _ps(server, row)
     assert r.exit_code == 0
     assert "300.0 MiB / 1.0 GiB" in r.stdout.splitlines()[1].split("\t")
 
@@ -551,13 +556,6 @@ def test_ps_on_80_columns_keeps_name_and_state(server: Callable[[Handler], None]
     row = {"name": "llama3.2:3b-instruct", "state": "restarting", "reason": "exited with 1: " + "x" * 60,
            "uptime": 3600.0, "port": 8100, "pid": 4242, "devices": ["GPU 0", "GPU 1"], "memory_used": 20 << 30,
            "memory_budget": 24 << 30, "vllm_running": 3, "vllm_waiting": 0, "queued": 0, "restarts": 2}
-
-    def handler(req: httpx.Request) -> httpx.Response:
-        if req.url.path == "/vllama/config":
-            return httpx.Response(200, json={"path": "x", "reload_error": None})
-        return httpx.Response(200, json=[row])
-
-    server(handler)
-    r = invoke("ps")
+    r = _ps(server, row)
     assert r.exit_code == 0
     assert "llama3.2:3b-instruct" in r.stdout and "restarting" in r.stdout
