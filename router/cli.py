@@ -299,10 +299,15 @@ def ps(host: str | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(models, indent=2))
         return
-    reload_error = api.request("GET", "/vllama/config").json().get("reload_error")
+    state = api.request("GET", "/vllama/config").json()
+    reload_error = state.get("reload_error")
     if reload_error:
         _stderr().print(f"[bold red]last reload rejected[/] (still serving the previous registry): "
                         f"{escape(reload_error)}")
+    restart = state.get("restart_needed")
+    if restart:
+        _stderr().print(f"[bold yellow]restart needed[/] for models.yaml's {escape(', '.join(restart))} "
+                        "(serving with the values `vllama serve` started with)")
     rows, styles = [], []
     for m in models:
         mem = f"{_size(m.get('memory_used'))} / {_size(m.get('memory_budget'))}"

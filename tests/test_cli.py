@@ -264,6 +264,20 @@ def test_ps_table_shows_reasons_with_brackets(server: Callable[[Handler], None],
     assert "bad [/y] file" in r.stderr
 
 
+def test_ps_says_which_server_settings_wait_for_a_restart(server: Callable[[Handler], None]) -> None:
+    """A saved server.port is not applied live: ps must say so, not leave the operator guessing."""
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if req.url.path == "/vllama/config":
+            return httpx.Response(200, json={"path": "x", "reload_error": None, "restart_needed": ["server.port"]})
+        return httpx.Response(200, json=[{**status("ready", ""), "devices": []}])
+
+    server(handler)
+    r = invoke("ps")
+    assert r.exit_code == 0, r.exception
+    assert "restart needed" in r.stderr and "server.port" in r.stderr
+
+
 def test_list_shows_local_time(server: Callable[[Handler], None], monkeypatch: pytest.MonkeyPatch) -> None:
     """The server's times are UTC; the MODIFIED column showed them as if they were local."""
     monkeypatch.setenv("TZ", "Asia/Tokyo")
