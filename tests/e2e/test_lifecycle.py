@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from .harness import Server, free_port, long_prompt, state_processes, write_config
+from .harness import Server, free_port, held_stream, long_prompt, state_processes, write_config
 
 pytestmark = pytest.mark.e2e
 
@@ -122,14 +122,34 @@ def test_kill_9_mid_stream_ends_with_error_line_and_model_comes_back(fleet: Serv
     assert others.failures == [] and others.ok > 0
     # the killed server's EngineCore and worker did not outlive it (its process group is gone)
     assert [p.pid for p in state_processes(fleet.state_dir) if os.getpgid(p.pid) == before["pid"]] == []
+    # the restart's reason is how it ended (supervisord's word), not vLLM's last log line (an access-log line)
+    assert fleet.log_path is not None
+    told = [line for line in fleet.log_path.read_text().splitlines()
+            if f"process {before['pid']} exited" in line]
+    assert told and all("(killed by SIGKILL)" in line and "HTTP/1.1" not in line for line in told), told
 
 
 def test_stop_and_start_one_model_while_the_other_serves(fleet: Server) -> None:
     others = Hammer(fleet, "tiny-a")
     others.start()
     pid = status(fleet, "tiny-b")["pid"]
-    r = httpx.post(f"{fleet.url}/vllama/models/tiny-b/stop", timeout=60)
-    assert r.status_code == 200 and r.json()["state"] == "stopped"
+    # A stream in flight: vLLM's HTTP server waits for it after SIGTERM, so the stop would take
+    # engine.stopwaitsecs (20 s, until SIGKILL) unless the router cuts its connection.
+    answers: list[httpx.Response] = []
+    stop = threading.Thread(target=lambda: answers.append(
+        httpx.post(f"{fleet.url}/vllama/models/tiny-b/stop", timeout=60)))
+    body = {"model": "tiny-b", "messages": [{"role": "user", "content": "go"}],
+            "options": {"num_predict": 3000, "temperature": 0}}
+    with held_stream(fleet.url, "tiny-b", "/api/chat", body) as stream:
+        stop.start()
+        time.sleep(1)  # the stop is under way while the request is in flight
+    resumed = time.monotonic()
+    stop.join(60)
+    stream.join(60)
+    took = time.monotonic() - resumed
+    assert answers and answers[0].status_code == 200 and answers[0].json()["state"] == "stopped", answers
+    assert took < 10, f"stop took {took:.1f}s after vLLM could act (stopwaitsecs is 20)"
+    assert not stream.is_alive() and stream.lines and "error" in stream.lines[-1], stream
     assert not psutil.pid_exists(pid)
     refused = generate(fleet, "tiny-b")
     assert refused.status_code == 503 and "stopped by an admin" in refused.json()["error"]
