@@ -26,6 +26,7 @@ from rich.text import Text
 
 from . import __version__
 from . import config as config_mod
+from .units import human_bytes
 
 CONFIG_HELP = "models.yaml to use (default: $VLLAMA_CONFIG, else configs/models.yaml)"
 
@@ -121,6 +122,8 @@ def check(config_path: str | None) -> None:
 
 
 DEFAULT_PORT = 11434
+QUERY_TIMEOUT = 30.0
+"""Seconds a query to the server may take (see `Api.request`)."""
 
 
 def _base_url(host: str | None) -> str:
@@ -166,6 +169,11 @@ class Api:
                                    headers={"Authorization": f"Bearer {key}"} if key else None)
 
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """A GET (a query: `ps`, `list`, a status poll) must answer within QUERY_TIMEOUT, so a
+        hung server is an error line, not a hung command; an action (stop, reload) may wait for
+        a drain or a vLLM's stop as long as the server takes."""
+        if method == "GET":
+            kw.setdefault("timeout", QUERY_TIMEOUT)
         with self._errors():
             r = self.client.request(method, path, **kw)
         _check(r)
@@ -239,10 +247,8 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 
 
 def _size(n: int | None) -> str:
-    """Bytes for `ps` and `list` in the units `pull` and `rm` print (`hub.human_bytes`):
-    whole-GiB figures left a 3.4 MB model at "0.0 GiB"."""
-    from .hub import human_bytes
-
+    """Bytes for `ps` and `list` in the units `pull` and `rm` print: whole-GiB figures left a
+    3.4 MB model at "0.0 GiB"."""
     return "-" if n is None else human_bytes(n)
 
 
@@ -552,7 +558,7 @@ def rm(name: str, host: str | None, config_path: str | None) -> None:
         freed = hub.delete(*_cache_ref(name, config_path))
     except hub.PullError as e:
         _fail(e.message)
-    click.echo(f"deleted {name} ({hub.human_bytes(freed)} freed)")
+    click.echo(f"deleted {name} ({human_bytes(freed)} freed)")
 
 
 def _cache_ref(name: str, config_path: str | None) -> tuple[str, str | None]:

@@ -71,6 +71,8 @@ try:  # huggingface_hub 2.x ships its HTTP stack as httpx2; 1.x used httpx.
 except ImportError:  # pragma: no cover
     import httpx as _httpx  # type: ignore[no-redef]
 
+from .units import human_bytes
+
 __all__ = [
     "DEFAULT_WORKERS",
     "FileEntry",
@@ -81,7 +83,6 @@ __all__ = [
     "PullTarget",
     "delete",
     "hub_env",
-    "human_bytes",
     "local_snapshot",
     "ollama_status",
     "parse_ref",
@@ -294,15 +295,6 @@ class PullPlan:
 
 def _storage(cache_dir: Path, repo: str) -> Path:
     return cache_dir / repo_folder_name(repo_id=repo, repo_type="model")
-
-
-def human_bytes(n: float) -> str:
-    """``1.5 GiB``: sizes for messages and the CLI."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError  # pragma: no cover
 
 
 def _is_root(path: str) -> bool:

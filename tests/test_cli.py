@@ -118,6 +118,17 @@ def test_server_not_running(monkeypatch: pytest.MonkeyPatch) -> None:
         assert r.stdout == ""
 
 
+def test_hung_server_is_an_error_for_queries_not_a_hang(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that takes the connection and never answers: `ps` and `list` used to wait forever."""
+    import socket
+
+    monkeypatch.setattr(cli, "QUERY_TIMEOUT", 0.3)
+    with socket.create_server(("127.0.0.1", 0)) as hung:  # listens, never accepts nor answers
+        monkeypatch.setenv("VLLAMA_HOST", f"127.0.0.1:{hung.getsockname()[1]}")
+        for args in (["ps"], ["list"]):
+            assert_clean_error(invoke(*args), "did not answer in time")
+
+
 # --- errors from the server -------------------------------------------------------
 
 
