@@ -89,10 +89,11 @@ class Server(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 #: `server` keys a reload applies while serving. cold_start_timeout, shutdown_grace and
 #: reserve_gb are read where they are used; serve hands auth, max_body_mb and max_inflight
-#: to the request path (`serve.LiveServer`). Every other key (host, port, state_dir, watch,
-#: the upstream timeouts) is read once when `vllama serve` starts: changing it needs a restart.
+#: to the request path and the upstream timeouts to the upstream client (`serve.LiveServer`).
+#: Every other key (host, port, state_dir, watch) is read once when `vllama serve` starts:
+#: changing it needs a restart.
 LIVE_SERVER_KEYS = frozenset({"auth", "max_body_mb", "max_inflight", "cold_start_timeout", "shutdown_grace",
-                              "reserve_gb"})
+                              "reserve_gb", "connect_timeout", "first_token_timeout", "between_tokens_timeout"})
 
 
 def server_changes(old: Server, new: Server) -> tuple[list[str], list[str]]:

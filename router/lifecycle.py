@@ -109,6 +109,11 @@ class Runtime:
     held: bool = False
     """Stopped by an admin: requests get 503 until `vllama start` (no surprise restarts)."""
     start_requested: float = 0.0
+    stops: int = 0
+    """Stops the router began (`Fleet._stop_process`): a request that holds the model across one
+    lost its server to it (see `Lease.explain`)."""
+    stop_note: str = ""
+    """What the latest of those stops tells a request it cut short (see `stop_note`)."""
     changed: asyncio.Condition = field(default_factory=asyncio.Condition, repr=False)
 
     @property
@@ -143,6 +148,23 @@ class Lease:
     prompt_tokens: int = 0
     output_tokens: int = 0
     _done: bool = False
+    _stops: int = field(default=0, init=False)
+    """The model's `Runtime.stops` when this request took it."""
+
+    def __post_init__(self) -> None:
+        self._stops = self.runtime.stops
+
+    def explain(self, message: str, status: int = 502) -> str:
+        """What the client is told of a failed call to the model's server: `message`, unless the
+        router stopped that server under this request.
+
+        A stop cuts the connections of the requests in flight, which then fail as if the server
+        had crashed ("closed the connection", an aborted generation); the stop's note is the true
+        account (an admin stop, a reload, a crash loop given up). A 4xx `status` is vLLM's
+        verdict on the request itself and is always kept.
+        """
+        stopped = self.runtime.stops != self._stops
+        return self.runtime.stop_note if stopped and status >= 500 else message
 
     def first_token(self) -> None:
         if self.tracker is not None:
@@ -210,6 +232,13 @@ def reap_group(pgid: int, *, stopped: bool = False) -> None:
 
 SEVER_EVERY = 0.25
 """Seconds between two cuts of the connections to a server being stopped."""
+
+
+def stop_note(name: str, why: str) -> str:
+    """What a request cut short by a stop of its model tells the client: `why` it was stopped."""
+    return f'model "{name}" was stopped ({why}) while answering'
+
+
 def free_port(start: int, taken: set[int]) -> int:
     """The first port from `start` that is neither taken by the registry nor bound."""
     for port in range(start, 65536):
@@ -548,10 +577,10 @@ class Fleet:
             rt.failed_starts += 1
         if rt.failed_starts > self.config.engine.startretries:
             rt.wanted = False
-            await self._set(rt, State.FAILED, self.failure_reason(
-                rt, f"exited {rt.failed_starts} times before it was ready; gave up"))
+            gave_up = f"exited {rt.failed_starts} times before it was ready; gave up"
+            await self._set(rt, State.FAILED, self.failure_reason(rt, gave_up))
             if self.sup is not None:
-                await self.sup.stop(rt.program)
+                await self._stop_process(rt, stop_note(rt.name, f"it {gave_up}"))
             return True
         reason = self.failure_reason(rt, what)
         await self._set(rt, State.RESTARTING, reason)
@@ -563,7 +592,8 @@ class Fleet:
         """Another process took the port this model was given: give it a free one (the
         restart that follows starts it there)."""
         old_program = rt.program
-        await self.sup.stop(old_program)  # type: ignore[union-attr]
+        moving = "its port was taken by another process; it restarts on another"
+        await self._stop_process(rt, stop_note(rt.name, moving))
         taken = {r.port for r in self._all() if r.port} | {self.config.server.port}
         rt.port = free_port((rt.port or self.config.engine.base_port) + 1, taken)
         rt.base_url = f"http://127.0.0.1:{rt.port}"
@@ -913,7 +943,7 @@ class Fleet:
         await self._set(rt, State.STOPPING, reason)
         if self.metrics is not None:
             self.metrics.action("stop", "admin" if hold else reason.split(" ")[0])
-        await self._stop_process(rt)
+        await self._stop_process(rt, stop_note(rt.name, "vllama stop" if hold else reason))
         if rt.pid is not None:
             reap_group(rt.pid, stopped=True)
         rt.pid = None
@@ -923,8 +953,10 @@ class Fleet:
         if rt.wanted and self.runtimes.get(rt.name) is rt:
             await self.start_model(rt)  # a request came while it stopped
 
-    async def _stop_process(self, rt: Runtime) -> None:
-        """supervisord's stop of `rt`, cutting the connections of its requests in flight.
+    async def _stop_process(self, rt: Runtime, note: str) -> None:
+        """supervisord's stop of `rt`, cutting the connections of its requests in flight,
+        which are told `note` rather than that the server closed the connection
+        (`Lease.explain`).
 
         vLLM aborts its engine on SIGTERM, but its HTTP server then waits for every open
         connection to close, and a stream of the aborted engine never ends: the stop
@@ -935,6 +967,8 @@ class Fleet:
         drains first (`_drain`, up to server.shutdown_grace): what is cut here is what
         outlived the drain.
         """
+        rt.stops += 1
+        rt.stop_note = note
         stop = asyncio.ensure_future(self.sup.stop(rt.program))  # type: ignore[union-attr]
         try:
             while not stop.done():

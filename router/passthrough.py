@@ -150,21 +150,35 @@ class Passthrough:
                 status, resp_headers, chunks = await send()
         except UpstreamError as e:
             lease.release()
-            return error(502 if e.status >= 500 else e.status, e.message)
+            return error(502 if e.status >= 500 else e.status, lease.explain(e.message, e.status))
         except BaseException:
             lease.release()
             raise
-        stream = _released(chunks, lease)
+        stream = _released(chunks, lease, "event-stream" in resp_headers.get("content-type", ""))
         return Stream(stream, status_code=status, headers=resp_headers,
                       media_type=resp_headers.get("content-type", "application/json"),
                       background=BackgroundTask(_close, stream))
 
 
-async def _released(chunks: AsyncIterator[bytes], lease: Lease) -> AsyncIterator[bytes]:
-    """`chunks` as they come; the model's lease ends with the stream, however it ends."""
+def _sse_error(status: int, message: str) -> bytes:
+    """The event that ends a server-sent stream cut mid-way, in OpenAI's error shape."""
+    return b"data: " + _encode({"error": {"message": message, "type": "APIError", "param": None,
+                                          "code": status}}) + b"\n\n"
+
+
+async def _released(chunks: AsyncIterator[bytes], lease: Lease, events: bool) -> AsyncIterator[bytes]:
+    """`chunks` as they come; the model's lease ends with the stream, however it ends.
+
+    A body cut mid-way stays cut, as vLLM's own would be; a stream of server-sent
+    `events` ends with an error event saying why (`Lease.explain`).
+    """
     try:
         async for chunk in chunks:
             yield chunk
+    except UpstreamError as e:
+        log.warning("%s: pass-through ended by upstream error: %s", lease.runtime.name, e.message)
+        if events:
+            yield _sse_error(e.status, lease.explain(e.message, e.status))
     finally:
         lease.release()
         await chunks.aclose()  # type: ignore[attr-defined]

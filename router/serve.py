@@ -98,14 +98,19 @@ def body_bytes(server: Server) -> int:
     return int(server.max_body_mb * 1024 * 1024)
 
 
+def upstream_timeouts(server: Server) -> Timeouts:
+    return Timeouts(server.connect_timeout, server.first_token_timeout, server.between_tokens_timeout)
+
+
 @dataclass
 class LiveServer:
     """The `server` settings of models.yaml that a reload applies while serving, and those it cannot.
 
-    The request path reads the key store, the body limit and the in-flight cap from these
-    objects on every request, so a reload that changes them holds from the next request
-    (turning auth on included). The keys read once at startup (see config.LIVE_SERVER_KEYS)
-    are never silently dropped: `restart_needed` names those that differ from `started`.
+    The request path reads the key store, the body limit, the in-flight cap and the upstream
+    timeouts from these objects on every request, so a reload that changes them holds from the
+    next request (turning auth on included). The keys read once at startup (see
+    config.LIVE_SERVER_KEYS) are never silently dropped: `restart_needed` names those that
+    differ from `started`.
     """
 
     started: Server
@@ -113,6 +118,8 @@ class LiveServer:
     guard: Guard
     body: BodyLimit
     gate: Gate
+    upstream: Upstream
+    """The client to the vLLM servers: its timeouts follow server.*_timeout."""
     host: str
     """The address listened on (for the warning about serving it without keys)."""
     http: uvicorn.Config | None = None
@@ -122,7 +129,7 @@ class LiveServer:
     def create(cls, config: Config, fleet: Fleet, keys: KeyStore | None, host: str) -> LiveServer:
         s = config.server
         return cls(started=s, guard=Guard(keys, lambda: fleet.config, body_bytes(s)), body=BodyLimit(body_bytes(s)),
-                   gate=Gate(s.max_inflight), host=host)
+                   gate=Gate(s.max_inflight), upstream=fleet.upstream, host=host)
 
     def wrap(self, app: ASGIApp) -> ASGIApp:
         """`app` behind the keys, the body limit and the in-flight cap, in that order:
@@ -146,6 +153,7 @@ class LiveServer:
         self.guard.store = keys
         self.guard.max_body_bytes = self.body.limit = body_bytes(server)
         self.gate.limit = server.max_inflight
+        self.upstream.set_timeouts(upstream_timeouts(server))
         if self.http is not None:
             self.http.timeout_graceful_shutdown = math.ceil(server.shutdown_grace)
         if was is None and keys is not None:
@@ -269,7 +277,7 @@ async def _serve(config: Config, opts: Options, keys: KeyStore | None, stop: Sto
     log.info("supervisord ready on %s", paths.socket)
 
     s = config.server
-    upstream = Upstream(Timeouts(s.connect_timeout, s.first_token_timeout, s.between_tokens_timeout))
+    upstream = Upstream(upstream_timeouts(s))
 
     def supervisor_lost() -> None:
         if stop.server is not None:

@@ -257,7 +257,7 @@ class OllamaService:
             body = await self.upstream.post_json(lease.runtime.base_url, tok.path, tok.body)
         except UpstreamError as e:
             lease.release()
-            raise ApiError(_upstream_status(e), e.message) from None
+            raise ApiError(_upstream_status(e), lease.explain(e.message, e.status)) from None
         except BaseException:
             lease.release()
             raise
@@ -328,7 +328,7 @@ class OllamaService:
             except UpstreamError as e:
                 lease.status = _upstream_status(e)
                 self._unreachable(lease, e)
-                raise ApiError(_upstream_status(e), e.message) from None
+                raise ApiError(_upstream_status(e), lease.explain(e.message, e.status)) from None
             except BaseException:
                 lease.status = 499  # the client left
                 raise
@@ -342,7 +342,7 @@ class OllamaService:
             try:
                 return Reply(body=_encode(state.whole(body, now)))
             except StreamAborted as e:
-                raise ApiError(502, str(e)) from None
+                raise ApiError(502, lease.explain(str(e))) from None
         events: AsyncIterator[list[dict[str, Any]]] | None = None
 
         async def first_batch(c: translate.UpstreamCall) -> list[dict[str, Any]] | None:
@@ -369,13 +369,15 @@ class OllamaService:
                 except StopAsyncIteration:
                     batch = None
         except (UpstreamError, StreamAborted) as e:
-            lease.status = _upstream_status(e) if isinstance(e, UpstreamError) else 502
+            upstream_error = e if isinstance(e, UpstreamError) else None
+            lease.status = _upstream_status(upstream_error) if upstream_error else 502
+            message = lease.explain(upstream_error.message, upstream_error.status) if upstream_error else lease.explain(str(e))
             lease.release()
-            if isinstance(e, UpstreamError):
-                self._unreachable(lease, e)
+            if upstream_error:
+                self._unreachable(lease, upstream_error)
             if events is not None:
                 await events.aclose()
-            raise ApiError(lease.status, e.message if isinstance(e, UpstreamError) else str(e)) from None
+            raise ApiError(lease.status, message) from None
         except BaseException:
             lease.status = 499  # the client left
             lease.release()
@@ -450,11 +452,11 @@ class OllamaService:
         except UpstreamError as e:
             lease.status = 502
             log.warning("%s: stream ended by upstream error: %s", lease.runtime.name, e.message)
-            yield _error_line(e.message)
+            yield _error_line(lease.explain(e.message, e.status))
         except StreamAborted as e:
             lease.status = 502
             log.warning("%s: %s", lease.runtime.name, e)
-            yield _error_line(str(e))
+            yield _error_line(lease.explain(str(e)))
         except BaseException:
             lease.status = 499  # the client left mid-stream
             raise
@@ -470,7 +472,7 @@ class OllamaService:
             return await self.upstream.post_json(lease.runtime.base_url, call.path, call.body)
         except UpstreamError as e:
             self._unreachable(lease, e)
-            raise ApiError(_upstream_status(e), e.message) from None
+            raise ApiError(_upstream_status(e), lease.explain(e.message, e.status)) from None
 
     async def embed(self, req: wire.EmbedRequest) -> Reply:
         start = self.clock()

@@ -53,6 +53,11 @@ class Timeouts:
     first_token: float = 600.0
     between_tokens: float = 120.0
 
+    def as_httpx(self) -> httpx.Timeout:
+        """As httpx's: connect, and first_token for the first read (`events` and `relay` watch
+        the later ones); no pool wait (the pool is unbounded)."""
+        return httpx.Timeout(connect=self.connect, read=self.first_token, write=self.first_token, pool=None)
+
 
 def _transport_error(exc: Exception, url: str) -> UpstreamError:
     if isinstance(exc, httpx.ConnectError):
@@ -230,15 +235,21 @@ class Upstream:
     """The router's HTTP client to every vLLM server: keep-alive connections, one pool."""
 
     def __init__(self, timeouts: Timeouts | None = None) -> None:
-        self.timeouts = timeouts or Timeouts()
-        t = self.timeouts
         self.transport = Transport()
         self.client = _Client(
             transport=self.transport,
-            timeout=httpx.Timeout(connect=t.connect, read=t.first_token, write=t.first_token, pool=None),
             headers=[_IDENTITY],  # for the health checks; the calls below set their own headers
             trust_env=False,
         )
+        self.set_timeouts(timeouts or Timeouts())
+
+    def set_timeouts(self, timeouts: Timeouts) -> None:
+        """Use `timeouts` from the next request on (a reload of models.yaml can change them).
+
+        Each request takes its timeouts when it starts: one in flight keeps those it began with.
+        """
+        self.timeouts = timeouts
+        self.client.timeout = timeouts.as_httpx()
         self._timeout = self.client.timeout.as_dict()
 
     async def aclose(self) -> None:
@@ -364,7 +375,10 @@ class Upstream:
     ) -> tuple[int, dict[str, str], AsyncIterator[bytes]]:
         """Send a request as is and hand back status, headers and the body as it arrives.
 
-        Used by the OpenAI/Anthropic pass-through: bytes go through unchanged.
+        Used by the OpenAI/Anthropic pass-through: bytes go through unchanged. A failure
+        before the answer raises UpstreamError; one mid-body ends the body with
+        UpstreamError(502/504) once what came before it is out, for the caller to say so
+        in its API's words.
         """
         url = base_url + path
         req = self._request(method, url, body, httpx.Headers({**headers, "accept-encoding": "identity"}))
@@ -385,13 +399,7 @@ class Upstream:
             except (httpx.HTTPError, TimeoutError, asyncio.CancelledError) as e:
                 if isinstance(e, asyncio.CancelledError) and not watch.fired():
                     raise
-                # Mid-stream failure: the client sees a cut SSE stream, as with vLLM itself,
-                # ended by an error event saying why.
-                if "event-stream" in resp.headers.get("content-type", ""):
-                    err = _transport_error(TimeoutError() if watch.expired else e, base_url)
-                    yield b"data: " + _encode({"error": {"message": err.message, "type": "APIError",
-                                                         "param": None, "code": err.status}}) + b"\n\n"
-                return
+                raise _transport_error(TimeoutError() if watch.expired else e, base_url) from None
             finally:
                 watch.cancel()
                 await resp.aclose()

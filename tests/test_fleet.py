@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from router.config import parse
@@ -668,11 +670,13 @@ class StallingServer:
 
     def __init__(self) -> None:
         self.closed = asyncio.Event()
+        self.streaming = asyncio.Event()
+        """Set once it has sent a stream's first chunk."""
         self.port = 0
         self._server: asyncio.Server | None = None
 
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+    async def start(self, port: int = 0) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -681,6 +685,7 @@ class StallingServer:
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
                      + f"{len(data):x}\r\n".encode() + data + b"\r\n")
         await writer.drain()
+        self.streaming.set()
         while await reader.read(65536):
             pass
         self.closed.set()
@@ -719,6 +724,135 @@ async def test_a_stop_ends_the_streams_in_flight_at_once(tmp_path: Path, model_d
         with pytest.raises(UpstreamError) as e:
             await asyncio.wait_for(reading, 2)
         assert e.value.status == 502
+        lease.release()
+    finally:
+        await upstream.aclose()
+        await fleet.close()
+        server.close()
+
+
+def terminating_stop(sup: Supervisord, server: StallingServer) -> Any:
+    """supervisord's stop of a server that exits once its last connection is closed
+    (stopwaitsecs, then SIGKILL, if never)."""
+    async def stop(name: str) -> None:
+        sup.calls.append(("stop", name))
+        await asyncio.wait_for(server.closed.wait(), 20)
+        sup.running.pop(name, None)
+
+    return stop
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+async def test_an_admin_stop_tells_the_streams_it_cuts_that_the_model_was_stopped(
+        tmp_path: Path, model_dir: Path, path: str) -> None:
+    """The stream a `vllama stop` cuts ends with why, in the shape of its API (an NDJSON error
+    line, or OpenAI's error event), not with "the model server closed the connection"."""
+    from router.app import create_app
+    from router.catalog import Catalog
+    from router.service import OllamaService
+
+    server = StallingServer()
+    await server.start()
+    cfg = registry(model_dir, {"name": "a", "load": "on_demand", "port": server.port})
+    fleet, sup, health = await fleet_of(cfg, tmp_path)
+    upstream = Upstream()
+    app = create_app(OllamaService(fleet, upstream), Catalog(cfg))
+    try:
+        a = fleet.runtimes["a:latest"]
+        make_ready(fleet, health, "a:latest")
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+            body = {"model": "a", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+            answer = asyncio.create_task(client.post(path, json=body))
+            await asyncio.wait_for(server.streaming.wait(), 10)
+            sup.stop = terminating_stop(sup, server)  # type: ignore[method-assign]
+            await asyncio.wait_for(fleet.stop_model(a, "stopped by admin", hold=True), 5)
+            r = await asyncio.wait_for(answer, 5)
+        said = 'model "a:latest" was stopped (vllama stop) while answering'
+        if path == "/api/chat":
+            assert json.loads(r.text.splitlines()[-1]) == {"error": said}
+        else:
+            last = json.loads(r.text.strip().split("\n\n")[-1].removeprefix("data: "))
+            assert last["error"]["message"] == said and last["error"]["code"] == 502
+    finally:
+        await upstream.aclose()
+        await fleet.close()
+        server.close()
+
+
+async def stream_in_flight(fleet: Fleet, health: Health, upstream: Upstream) -> tuple[Any, asyncio.Task[Any]]:
+    """A request to model a that has its first chunk and waits for the next: its lease and the read."""
+    a = fleet.runtimes["a:latest"]
+    make_ready(fleet, health, "a:latest")
+    lease = await fleet.acquire("a")
+    events = upstream.events(a.base_url, "/v1/chat/completions", {"stream": True})
+    assert (await anext(events))[0]["choices"][0]["delta"]["content"] == "Hi"
+    return lease, asyncio.create_task(anext(events))
+
+
+async def test_giving_up_on_a_crash_loop_ends_the_streams_still_in_flight(tmp_path: Path, model_dir: Path) -> None:
+    server = StallingServer()
+    await server.start()
+    cfg = registry(model_dir, {"name": "a", "load": "on_demand", "port": server.port}, engine={"startretries": 0})
+    fleet, sup, health = await fleet_of(cfg, tmp_path)
+    upstream = Upstream()
+    try:
+        a = fleet.runtimes["a:latest"]
+        lease, reading = await stream_in_flight(fleet, health, upstream)
+        sup.stop = terminating_stop(sup, server)  # type: ignore[method-assign]
+        health.ready.discard(server.port)  # restarted, it never gets ready ...
+        sup.crash(a.program)
+        await until(lambda: a.state == State.STARTING and a.program in sup.running)
+        sup.crash(a.program)  # ... and exits again: given up at once (startretries 0)
+        with pytest.raises(UpstreamError):
+            await asyncio.wait_for(reading, 5)
+        assert a.state == State.FAILED
+        assert lease.explain("closed") == ('model "a:latest" was stopped (it exited 1 times before it was ready; '
+                                       'gave up) while answering')
+        lease.release()
+    finally:
+        await upstream.aclose()
+        await fleet.close()
+        server.close()
+
+
+async def test_moving_a_model_off_a_taken_port_ends_the_streams_to_the_old_one(tmp_path: Path,
+                                                                              model_dir: Path) -> None:
+    fleet, sup, health = await fleet_of(registry(model_dir, {"name": "a", "load": "on_demand"}), tmp_path)
+    server = StallingServer()
+    upstream = Upstream()
+    try:
+        a = fleet.runtimes["a:latest"]
+        old_port = a.port
+        await server.start(port=old_port or 0)
+        lease, reading = await stream_in_flight(fleet, health, upstream)
+        sup.stop = terminating_stop(sup, server)  # type: ignore[method-assign]
+        write_log(sup, a.program, "OSError: [Errno 98] Address already in use")
+        sup.crash(a.program)
+        with pytest.raises(UpstreamError):
+            await asyncio.wait_for(reading, 5)
+        await until(lambda: a.port != old_port)
+        assert lease.explain("closed").startswith('model "a:latest" was stopped (its port was taken')
+        lease.release()
+    finally:
+        await upstream.aclose()
+        await fleet.close()
+        server.close()
+
+
+async def test_a_reload_that_removes_a_model_tells_the_streams_that_outlive_the_drain(tmp_path: Path,
+                                                                                     model_dir: Path) -> None:
+    server = StallingServer()
+    await server.start()
+    fleet, sup, health = await fleet_of(
+        registry(model_dir, {"name": "a", "load": "on_demand", "port": server.port}), tmp_path)
+    upstream = Upstream()
+    try:
+        lease, reading = await stream_in_flight(fleet, health, upstream)
+        sup.stop = terminating_stop(sup, server)  # type: ignore[method-assign]
+        await fleet.reload(registry(model_dir, server={"shutdown_grace": 0}))
+        with pytest.raises(UpstreamError):
+            await asyncio.wait_for(reading, 5)
+        assert lease.explain("closed") == 'model "a:latest" was stopped (removed from the registry) while answering'
         lease.release()
     finally:
         await upstream.aclose()

@@ -22,7 +22,7 @@ from router.auth import KeyStore
 from router.config import Auth, Server, load, server_changes
 from router.serve import ServingFleet, api_app
 from router.service import OllamaService
-from router.upstream import Upstream
+from router.upstream import Timeouts, Upstream
 
 KEY = "team-key-0123456789abcdef"
 BIG = b"x" * (2 << 20)  # 2 MiB
@@ -124,14 +124,25 @@ async def test_max_inflight_applies_live(registry: Path) -> None:
         assert fleet.live is not None and fleet.live.gate.limit == 3
 
 
+async def test_upstream_timeouts_apply_live(registry: Path) -> None:
+    async with served(registry) as (fleet, _):
+        write(registry, {"connect_timeout": 2, "first_token_timeout": 30, "between_tokens_timeout": 7})
+        result = await fleet.reload_file()
+        assert result["changes"]["server_applied"] == ["server.connect_timeout", "server.first_token_timeout",
+                                                       "server.between_tokens_timeout"]
+        assert result["changes"]["restart_needed"] == []
+        assert fleet.upstream.timeouts == Timeouts(connect=2, first_token=30, between_tokens=7)
+
+
 async def test_a_registry_that_does_not_fit_puts_the_old_settings_back(registry: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     async with served(registry) as (fleet, client):
         monkeypatch.setattr(fleet, "_plan_with", lambda *_: SimpleNamespace(problems=["too big"]))
-        write(registry, {"auth": {"enabled": True, "keys_file": "keys.yaml"}, "max_body_mb": 1})
+        write(registry, {"auth": {"enabled": True, "keys_file": "keys.yaml"}, "max_body_mb": 1, "first_token_timeout": 9})
         assert (await fleet.reload_file())["applied"] is False
         assert (await client.get("/api/tags")).status_code == 200
         assert (await client.post("/api/show", content=BIG)).status_code != 413
+        assert fleet.upstream.timeouts == Timeouts()
 
 
 async def test_a_chunked_body_over_a_lowered_limit_is_refused(registry: Path) -> None:

@@ -107,6 +107,30 @@ async def test_no_answer_before_first_token_timeout_is_a_504(upstream: Upstream)
     assert e.value.status == 504 and e.value.message == f"the model server at {url} timed out"
 
 
+async def test_new_timeouts_hold_from_the_next_request() -> None:
+    """A reload of server.*_timeout: the next request waits as long as the new values say."""
+    async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await start_sse(writer, b'data: {"choices": []}\n\n')
+        await asyncio.sleep(30)
+
+    up = Upstream(Timeouts(connect=30, first_token=30, between_tokens=30))
+    server, url = await serve(stall)
+    try:
+        async with server:
+            up.set_timeouts(Timeouts(connect=1.0, first_token=0.3, between_tokens=0.3))
+            with pytest.raises(UpstreamError) as e:
+                await asyncio.wait_for(up.post_json(url, "/v1/completions", {}), 5)
+            assert e.value.status == 504  # first_token
+            events = up.events(url, "/v1/completions", {"stream": True})
+            assert await anext(events) == [{"choices": []}]
+            with pytest.raises(UpstreamError) as e:
+                await asyncio.wait_for(anext(events), 5)
+            assert e.value.status == 504  # between_tokens
+    finally:
+        await up.aclose()
+
+
 async def test_stream_cut_mid_way_is_a_closed_connection(upstream: Upstream) -> None:
     async def cut(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
