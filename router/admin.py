@@ -16,12 +16,11 @@ from typing import Any
 
 import httpx
 import msgspec
-from litestar import Request, Response, Router, delete, get, post
+from litestar import MediaType, Request, Response, Router, delete, get, post
 from litestar.params import FromPath, FromQuery, JSONBody
 from litestar.response import Stream
 
 from . import hub, supervisor, wire
-from .config import is_local_source
 from .lifecycle import Fleet, ModelNotFound, Runtime, State
 from .service import ApiError
 
@@ -137,8 +136,49 @@ async def _pull_unless_gone(request: Request[Any, Any, Any], events: AsyncIterat
     pulling.result()
 
 
+#: States in which a model's vLLM holds no files of the cache open, nor will until started again.
+_IDLE = (State.STOPPED, State.FAILED, State.MISSING)
+
+
+def _busy_with(fleet: Fleet, repo: str, revision: str | None) -> list[Runtime]:
+    """The models serving `repo` at `revision`'s snapshot that are not stopped: whichever name the
+    client deletes by (a registry name, its repo id, another entry with the same source), these
+    would lose their files under them and come back `missing` or download everything again."""
+    busy = []
+    for rt in fleet.runtimes.values():
+        ref = hub.source_ref(rt.model)
+        if ref is not None and ref[0] == repo and rt.state not in _IDLE and hub.same_snapshot(repo, ref[1], revision):
+            busy.append(rt)
+    return busy
+
+
+def _refuse_while_served(fleet: Fleet, repo: str, revision: str | None, asked: str | None) -> None:
+    """409 while a model serves these files; `asked` is the registry name the client sent, if any."""
+    busy = sorted(_busy_with(fleet, repo, revision), key=lambda rt: rt.name != asked)  # the one asked for first
+    if not busy:
+        return
+    rt = busy[0]
+    what = f'model "{rt.name}" is' if rt.name == asked else f'model "{rt.name}" serves {repo} and is'
+    raise ApiError(409, f"{what} {rt.state.value}; stop it first (`vllama stop {rt.name}`)")
+
+
+def _pull_lines(events: AsyncIterator[dict[str, Any]]) -> Stream:
+    """Ollama's streamed /api/pull: one JSON object a line."""
+    return Stream((_encode(ev) + b"\n" async for ev in events), media_type="application/x-ndjson")
+
+
+async def _already_here() -> AsyncIterator[dict[str, Any]]:
+    """What a streamed pull of a local-directory model says: nothing to fetch, so the manifest
+    step and success, the first and last lines of every Ollama pull."""
+    yield hub.ollama_status(hub.Progress("manifest"))
+    yield hub.ollama_status(hub.Progress("success"))
+
+
 def library_routes(fleet: Fleet) -> list[Any]:
-    """``/api/pull`` and ``/api/delete``: the HF cache vLLM reads, in Ollama's shapes."""
+    """``/api/pull`` and ``/api/delete``: the HF cache vLLM reads, in Ollama's shapes.
+
+    No server path goes into their errors (the client may be anywhere); `vllama rm` with no
+    server running says where the cache is, on its own machine."""
 
     @post("/api/pull", status_code=200)
     async def pull(data: JSONBody[wire.ModelRequest], request: Request[Any, Any, Any]) -> Response[Any] | Stream:
@@ -151,11 +191,13 @@ def library_routes(fleet: Fleet) -> list[Any]:
             raise ApiError(e.status, e.message) from None
         if target.local_dir is not None:
             if not Path(target.local_dir).is_dir():
-                raise ApiError(404, f"{name}: source directory {target.local_dir} does not exist")
+                raise ApiError(404, f'model "{target.model}" is served from a local directory that does not exist '
+                                    "(its source in models.yaml)")
+            if data.stream is not False:
+                return _pull_lines(_already_here())
             return Response({"status": "success"})
         if data.stream is not False:
-            events = hub.pull_events(target.repo, target.revision)
-            return Stream((_encode(ev) + b"\n" async for ev in events), media_type="application/x-ndjson")
+            return _pull_lines(hub.pull_events(target.repo, target.revision))
         try:
             await _pull_unless_gone(request, hub.pull_events(target.repo, target.revision, raise_errors=True))
         except hub.PullError as e:
@@ -163,33 +205,26 @@ def library_routes(fleet: Fleet) -> list[Any]:
         return Response({"status": "success"})
 
     @delete("/api/delete", status_code=200)
-    async def remove(data: JSONBody[wire.ModelRequest]) -> None:
-        """409 while the model runs (checked here) or while its repo is being pulled, by this server
-        or by `vllama pull` in another process (hub.delete checks that under a lock file)."""
+    async def remove(data: JSONBody[wire.ModelRequest]) -> Response[bytes]:
+        """200 with an empty body, as Ollama. 409 while any model serves the files (checked here)
+        or while the repo is being pulled, by this server or by `vllama pull` in another process
+        (hub.delete checks that under a lock file)."""
         name = data.target
         if not name:
             raise ApiError(400, "model is required")
-        model = fleet.config.lookup(name)
-        if model is not None:
-            if model.url:
-                raise ApiError(400, f'model "{model.name}" is served by {model.url}; it has no files here')
-            rt = fleet.runtimes.get(model.name)
-            if rt is not None and rt.state not in (State.STOPPED, State.FAILED, State.MISSING):
-                raise ApiError(409, f'model "{model.name}" is {rt.state.value}; stop it first (`vllama stop {model.name}`)')
-            if is_local_source(model.source):
-                raise ApiError(400, f'model "{model.name}" is a local directory ({fleet.config.source_path(model)}); '
-                                    "vLLama does not delete it")
-            repo, revision = hub.parse_ref(model.source)
-            revision = model.revision or revision
-        else:
-            try:
-                repo, revision = hub.parse_ref(name)
-            except hub.PullError as e:
-                raise ApiError(e.status, e.message) from None
         try:
-            await asyncio.to_thread(hub.delete, repo, revision)
+            target = hub.delete_target(name, fleet.config)
         except hub.PullError as e:
             raise ApiError(e.status, e.message) from None
+        if target.local_dir is not None:
+            raise ApiError(400, f'model "{target.model}" is a local directory; vLLama does not delete it')
+        _refuse_while_served(fleet, target.repo, target.revision, target.model)
+        try:
+            await asyncio.to_thread(hub.delete, target.repo, target.revision)
+        except hub.PullError as e:
+            err = hub.not_found(name) if e.status == 404 else e  # hub's 404 names the cache's path
+            raise ApiError(err.status, err.message) from None
+        return Response(b"", status_code=200, media_type=MediaType.TEXT)
 
     return [pull, remove]
 

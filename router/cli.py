@@ -562,25 +562,29 @@ def rm(name: str, host: str | None, config_path: str | None) -> None:
 
 
 def _cache_ref(name: str, config_path: str | None) -> tuple[str, str | None]:
-    """What `rm NAME` deletes with no server to ask, as the server's /api/delete decides: a
-    registry model's `source` at its `revision` (a registry name is no repo id: `llama3.2:3b`
-    was refused for its tag), else NAME itself as a repo id."""
+    """What `rm NAME` deletes with no server to ask, decided as the server's /api/delete decides
+    (hub.delete_target): a registry model's `source` at its `revision` (a registry name is no
+    repo id: `llama3.2:3b` was refused for its tag), else NAME as a repo id. Nothing can be
+    running from the cache through vLLama without a server, so there is no 409 to check here."""
     from . import hub
 
+    cfg: config_mod.Config | None = None
+    unreadable: config_mod.ConfigError | None = None
     try:
-        cfg: config_mod.Config | None = config_mod.load(config_path)
-    except config_mod.ConfigError:
-        cfg = None
+        cfg = config_mod.load(config_path)
+    except config_mod.ConfigError as e:
+        unreadable = e  # a bare repo id needs no registry
     model = cfg.lookup(name) if cfg is not None else None
+    if cfg is not None and model is not None and not model.url and config_mod.is_local_source(model.source):
+        _fail(f'model "{model.name}" is a local directory ({cfg.source_path(model)}); vLLama does not delete it')
     try:
-        if cfg is None or model is None:
-            return hub.parse_ref(name)
-        if config_mod.is_local_source(model.source):
-            _fail(f'model "{model.name}" is a local directory ({cfg.source_path(model)}); vLLama does not delete it')
-        repo, revision = hub.parse_ref(model.source)
-        return repo, model.revision or revision
+        target = hub.delete_target(name, cfg)
     except hub.PullError as e:
-        _fail(e.message)
+        if unreadable is None:
+            _fail(e.message)
+        # NAME may well be in the registry: say why it could not be looked up.
+        _fail(f"{e.message}; the registry {unreadable.path or ''} could not be read: {'; '.join(unreadable.problems)}")
+    return target.repo, target.revision
 
 
 @cli.group()

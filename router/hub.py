@@ -71,6 +71,7 @@ try:  # huggingface_hub 2.x ships its HTTP stack as httpx2; 1.x used httpx.
 except ImportError:  # pragma: no cover
     import httpx as _httpx  # type: ignore[no-redef]
 
+from .config import is_local_source
 from .units import human_bytes
 
 __all__ = [
@@ -214,14 +215,11 @@ def resolve_target(name: str, config: Any | None = None) -> PullTarget:
 
     A models.yaml name or alias downloads that entry's ``source`` at its ``revision`` (so
     ``ollama pull qwen`` fetches what ``qwen`` serves); anything else must be a repo id,
-    optionally ``@revision``. `config` is a ``router.config.Config`` (typed loosely to keep
-    this module importable without it).
+    optionally ``@revision``. `config` is a ``router.config.Config``.
     """
     if config is not None:
         model = config.lookup(name)
         if model is not None:
-            from .config import is_local_source
-
             if is_local_source(model.source):
                 return PullTarget(model.source, None, model.name, local_dir=config.source_path(model))
             repo, rev = parse_ref(model.source)
@@ -235,6 +233,61 @@ def resolve_target(name: str, config: Any | None = None) -> PullTarget:
         )
     repo, rev = parse_ref(name)
     return PullTarget(repo, rev)
+
+
+def not_found(name: str) -> PullError:
+    """Ollama's 404 for a model it does not have, word for word: clients match on "not found"."""
+    return PullError(404, f"model '{name}' not found")
+
+
+def delete_target(name: str, config: Any | None = None) -> PullTarget:
+    """Map a delete request's `name` to the cached repo and revision it removes.
+
+    As `resolve_target` for a models.yaml name or alias (its ``source`` at its ``revision``;
+    `local_dir` set for a local directory, which the caller refuses), and a ``url:`` model is
+    refused here: it has no files on this machine. Anything else is a repo id; a plain name
+    (no ``org/``) counts as one only when it is some entry's ``source``, so that an Ollama name
+    or a typo gets Ollama's ``model 'x' not found`` rather than a look into the cache.
+    """
+    model = config.lookup(name) if config is not None else None
+    if model is not None and model.url:
+        raise PullError(400, f'model "{model.name}" is served by {model.url}; it has no files here')
+    if model is not None:
+        return resolve_target(name, config)
+    bare = name.strip().removesuffix(":latest")
+    if "/" not in bare.split("@", 1)[0] and not _is_a_source(bare.split("@", 1)[0], config):
+        raise not_found(name)
+    repo, rev = parse_ref(name)
+    return PullTarget(repo, rev)
+
+
+def _is_a_source(repo: str, config: Any | None) -> bool:
+    """Whether some models.yaml entry serves the Hub repo `repo` (e.g. ``source: gpt2``)."""
+    return config is not None and any((ref := source_ref(m)) is not None and ref[0] == repo for m in config.models)
+
+
+def source_ref(model: Any) -> tuple[str, str | None] | None:
+    """The Hub repo and revision a models.yaml entry serves from this cache; None for a local
+    directory, a ``url:`` model (its files are elsewhere) or a source that is no repo id."""
+    if model.url or is_local_source(model.source):
+        return None
+    try:
+        repo, rev = parse_ref(model.source)
+    except PullError:
+        return None
+    return repo, model.revision or rev
+
+
+def same_snapshot(repo: str, a: str | None, b: str | None) -> bool:
+    """Whether revisions `a` and `b` (None: main) of `repo` are one snapshot in the cache, so that
+    deleting one deletes the files of the other: the same name, or refs to the same commit
+    (``main`` and ``v1`` often are)."""
+    a, b = a or DEFAULT_REVISION, b or DEFAULT_REVISION
+    if a == b:
+        return True
+    storage = _storage(hub_env().cache_dir, repo)
+    commit = _commit_of(storage, a)
+    return commit is not None and commit == _commit_of(storage, b)
 
 
 # --- plan --------------------------------------------------------------------

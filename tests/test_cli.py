@@ -584,3 +584,75 @@ def test_ps_on_80_columns_keeps_name_and_state(server: Callable[[Handler], None]
     r = _ps(server, row)
     assert r.exit_code == 0
     assert "llama3.2:3b-instruct" in r.stdout and "restarting" in r.stdout
+
+
+# --- rm: the same answers with and without a server ---------------------------------
+
+
+@pytest.fixture
+def cached_tiny(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """`org/tiny` pulled from a fake Hub into a tmp cache, which this process's Hub environment
+    points at; yields a models.yaml whose `manual` serves it."""
+    from huggingface_hub import constants
+
+    from router import hub
+
+    with FakeHub() as h:
+        h.add_repo("org/tiny", {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"w" * 1000})
+        monkeypatch.setenv("HF_ENDPOINT", h.url)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+        for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "VLLAMA_API_KEY"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "home" / "token"))
+        monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "home" / "stored_tokens"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        hub.pull("org/tiny")
+        reg = tmp_path / "models.yaml"
+        reg.write_text("models: [{name: manual, source: org/tiny, auto_pull: false, load: on_demand}]\n")
+        monkeypatch.setenv("VLLAMA_CONFIG", str(reg))
+        yield reg
+
+
+def test_rm_by_repo_id_with_a_server_is_refused_while_the_model_runs(cached_tiny: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """`vllama rm org/tiny` (the source of a ready model) deleted its files: /api/delete checked
+    only registry names. Unknown names get Ollama's not-found, as with no server."""
+    from router import hub
+    from router.lifecycle import State
+
+    r = ServedRouter({"models": [{"name": "manual", "source": "org/tiny", "auto_pull": False,
+                                  "load": "on_demand"}]}, admin=True).start()
+    try:
+        monkeypatch.setenv("VLLAMA_HOST", r.url)
+        rt = r.fleet.runtimes["manual:latest"]
+        r.call(r.fleet._set(rt, State.READY, "set by the test"))
+        assert_clean_error(invoke("rm", "org/tiny"), 'model "manual:latest" serves org/tiny and is ready; '
+                                                     "stop it first (`vllama stop manual:latest`) (HTTP 409)")
+        assert hub.local_snapshot("org/tiny").complete
+        assert_clean_error(invoke("rm", "nope"), "model 'nope' not found (HTTP 404)")
+        r.call(r.fleet._set(rt, State.STOPPED, "set by the test"))
+        res = invoke("rm", "org/tiny")
+        assert res.exit_code == 0 and res.stdout == "deleted org/tiny\n", (res.output, res.exception)
+        assert hub.local_snapshot("org/tiny") is None
+        assert_clean_error(invoke("rm", "org/tiny"), "model 'org/tiny' not found (HTTP 404)")
+    finally:
+        r.stop()
+
+
+def test_rm_without_a_server_says_not_found_as_the_server_does(cached_tiny: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """With no server nothing runs through vLLama, so the repo id deletes; an unknown plain name
+    was looked up in the cache as a repo id (`nope is not in the cache at ...`)."""
+    from conftest import free_port
+
+    from router import hub
+
+    monkeypatch.setenv("VLLAMA_HOST", f"127.0.0.1:{free_port()}")
+    assert_clean_error(invoke("rm", "nope"), "model 'nope' not found")
+    res = invoke("rm", "org/tiny")
+    assert res.exit_code == 0 and res.stdout.startswith("deleted org/tiny ("), (res.output, res.exception)
+    assert hub.local_snapshot("org/tiny") is None
+    assert_clean_error(invoke("rm", "org/tiny"), "org/tiny is not in the cache at")  # local: the path helps
+    cached_tiny.write_text("models: [")
+    assert_clean_error(invoke("rm", "nope"), "model 'nope' not found; the registry", "could not be read")

@@ -804,6 +804,113 @@ def test_api_delete_during_a_pull_is_a_conflict(fake: FakeHub, served: ServedRou
     assert isinstance(puller.result, Path) and hub.local_snapshot(REPO).state == "complete"
 
 
+def _set_state(served: ServedRouter, name: str, state: str) -> None:
+    from router.lifecycle import State
+
+    served.call(served.fleet._set(served.fleet.runtimes[name], State(state), "set by the test"))
+
+
+def _delete(served: ServedRouter, model: str) -> httpx.Response:
+    return httpx.request("DELETE", served.url + "/api/delete", json={"model": model}, timeout=10)
+
+
+def test_api_delete_by_repo_id_is_refused_while_the_model_runs(fake: FakeHub, served: ServedRouter) -> None:
+    """Sending the model's `source` instead of its name skipped the 409 and deleted the files of a
+    ready model (QA finding 1); so did a revision that is the same snapshot, and a URL form."""
+    hub.pull(REPO)
+    hub.pull(REPO, "v1")  # v1 is main's commit
+    _set_state(served, "manual:latest", "ready")
+    for asked in (REPO, f"{REPO}@main", f"{REPO}@v1", f"hf.co/{REPO}", "manual"):
+        r = _delete(served, asked)
+        assert r.status_code == 409, (asked, r.text)
+        assert r.json().keys() == {"error"} and "stop it first (`vllama stop manual:latest`)" in r.json()["error"]
+    assert hub.local_snapshot(REPO).complete, "the running model's files are untouched"
+    _set_state(served, "manual:latest", "stopped")
+    r = _delete(served, REPO)
+    assert r.status_code == 200, r.text
+    assert hub.local_snapshot(REPO) is None
+
+
+def test_api_delete_is_refused_while_another_entry_serves_the_files(fake: FakeHub) -> None:
+    """Two registry names over one repo: deleting the stopped one would pull the files from under
+    the running one."""
+    hub.pull(REPO)
+    r = ServedRouter({"models": [{"name": "a", "source": REPO, "auto_pull": False, "load": "on_demand"},
+                                 {"name": "b", "source": REPO, "revision": "main", "auto_pull": False,
+                                  "load": "on_demand"}]}, admin=True).start()
+    try:
+        _set_state(r, "a:latest", "ready")
+        resp = _delete(r, "b")
+        assert (resp.status_code, resp.json()) == (409, {"error": f'model "a:latest" serves {REPO} and is ready; '
+                                                                  "stop it first (`vllama stop a:latest`)"})
+        assert hub.local_snapshot(REPO).complete
+    finally:
+        r.stop()
+
+
+def test_api_delete_answers_an_empty_body(fake: FakeHub, served: ServedRouter) -> None:
+    """Ollama: 200 with an empty body (it was the JSON `null`)."""
+    hub.pull(REPO)
+    r = _delete(served, "manual")
+    assert (r.status_code, r.content) == (200, b"")
+
+
+@pytest.mark.parametrize("asked", ["nope", "llama3.2:3b", "org/never-pulled", "org/never-pulled@v2", REPO])
+def test_api_delete_of_an_unknown_model_is_ollamas_not_found(fake: FakeHub, served: ServedRouter,
+                                                             tmp_path: Path, asked: str) -> None:
+    """Was `nope is not in the cache at /root/.cache/huggingface/hub`: no "not found", and the
+    server's cache path (or a 400 "invalid model name" for an Ollama name with a tag)."""
+    r = _delete(served, asked)
+    assert (r.status_code, r.json()) == (404, {"error": f"model '{asked}' not found"})
+    assert str(tmp_path) not in r.text
+
+
+def test_api_delete_of_a_local_directory_model(fake: FakeHub, tmp_path: Path) -> None:
+    (tmp_path / "mine").mkdir()
+    r = ServedRouter({"models": [{"name": "mine", "source": str(tmp_path / "mine")}]}, admin=True).start()
+    try:
+        resp = _delete(r, "mine")
+        assert (resp.status_code, resp.json()) == (400, {"error": 'model "mine:latest" is a local directory; '
+                                                                  "vLLama does not delete it"})
+        assert (tmp_path / "mine").is_dir()
+    finally:
+        r.stop()
+
+
+def test_api_pull_of_a_local_directory_streams_unless_told_not_to(fake: FakeHub, tmp_path: Path) -> None:
+    """It answered one application/json body even with `stream` true (the default); Ollama streams NDJSON."""
+    (tmp_path / "mine").mkdir()
+    r = ServedRouter({"models": [{"name": "mine", "source": str(tmp_path / "mine")},
+                                 {"name": "gone", "source": str(tmp_path / "gone")}]}, admin=True).start()
+    try:
+        for body in ({"model": "mine"}, {"model": "mine", "stream": True}):
+            resp = httpx.post(r.url + "/api/pull", json=body, timeout=10)
+            assert resp.status_code == 200 and resp.headers["content-type"] == "application/x-ndjson"
+            assert [json.loads(x) for x in resp.text.splitlines()] == [{"status": "pulling manifest"},
+                                                                        {"status": "success"}]
+        resp = httpx.post(r.url + "/api/pull", json={"model": "mine", "stream": False}, timeout=10)
+        assert resp.headers["content-type"] == "application/json" and resp.json() == {"status": "success"}
+        resp = httpx.post(r.url + "/api/pull", json={"model": "gone"}, timeout=10)
+        assert resp.status_code == 404 and "does not exist" in resp.json()["error"]
+        assert str(tmp_path) not in resp.text
+    finally:
+        r.stop()
+
+
+def test_delete_target(tmp_path: Path) -> None:
+    cfg = parse_config({"models": [{"name": "tiny", "source": "org/tiny", "revision": "v1"},
+                                   {"name": "g", "source": "gpt2"},
+                                   {"name": "far", "source": "org/far", "url": "http://127.0.0.1:9/v1"}]},
+                       base_dir=tmp_path)
+    assert hub.delete_target("tiny", cfg) == hub.PullTarget("org/tiny", "v1", "tiny:latest")
+    assert hub.delete_target("org/tiny@v2", cfg) == hub.PullTarget("org/tiny", "v2")
+    assert hub.delete_target("gpt2", cfg) == hub.PullTarget("gpt2", None), "a plain name that is a source"
+    for name, status in (("nope", 404), ("gpt2", 404), ("far", 400), ("org/x:v2", 400)):
+        with pytest.raises(PullError) as e:
+            hub.delete_target(name, cfg if name != "gpt2" else None)
+        assert e.value.status == status, name
+
+
 def test_api_pull_without_stream_stops_when_the_client_goes_away(fake: FakeHub, served: ServedRouter) -> None:
     """As in Ollama (the pull runs on the request's context) and as a streamed pull here does."""
     fake.delay(MODEL, 0.1)  # ~3 s for the weights
