@@ -15,6 +15,15 @@ from .supervisor import Program
 
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 
+MAX_STOP_STRINGS = 64
+"""The stop strings a request may carry (vLLM's ``VLLM_MAX_STOP_STRINGS``; its default is 4).
+
+Ollama has no limit, and a Modelfile's ``PARAMETER stop`` lines plus the ones a client adds
+(LangChain, Continue) often make five or more; with vLLM's 4 such a request would be refused.
+vLLM checks every stop string against each new piece of text, so the cost grows with the
+count: 64 covers any real prompt format and stays cheap. Operators can still set their own
+value in ``engine.env`` or a model's ``env``."""
+
 
 def vllm_argv(config: Config, model: Model, port: int, extra_args: Sequence[str] = ()) -> list[str]:
     python = config.engine.python or sys.executable
@@ -46,7 +55,8 @@ def vllm_argv(config: Config, model: Model, port: int, extra_args: Sequence[str]
 
 
 def vllm_env(config: Config, model: Model, extra_env: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "PYTHONUNBUFFERED": "1"}
+    env = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "PYTHONUNBUFFERED": "1",
+           "VLLM_MAX_STOP_STRINGS": str(MAX_STOP_STRINGS)}
     if not is_local_source(model.source):
         # vLLama downloads (vllama pull, auto_pull); vLLM only reads the cache, so it
         # never fetches files the pull left out on purpose, nor stalls on a dead network.
@@ -55,6 +65,15 @@ def vllm_env(config: Config, model: Model, extra_env: Mapping[str, str] | None =
     env.update(extra_env or {})
     env.update(model.env)
     return env
+
+
+def max_stop_strings(config: Config, model: Model) -> int | None:
+    """The most stop strings `model`'s vLLM accepts in one request, as its environment sets it
+    (None if the value is not a number: vLLM then fails to start anyway)."""
+    try:
+        return int(vllm_env(config, model)["VLLM_MAX_STOP_STRINGS"])
+    except ValueError:
+        return None
 
 
 def program(

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from . import translate, wire
+from . import engine, translate, wire
 from .catalog import context_length
 from .config import Model, normalize_name, parse_duration
 from .lifecycle import Fleet, Lease, ModelNotFound, ModelUnavailable, State
@@ -98,6 +98,15 @@ def _upstream_status(e: UpstreamError) -> int:
     return e.status if 400 <= e.status < 500 or e.status == 504 else 502
 
 
+def _refusal(lease: Lease, e: UpstreamError) -> ApiError:
+    """A failed call to vLLM as the Ollama API answers it: the status `_upstream_status` gives,
+    and vLLM's message (one readable line for its request-validation dump) unless the router
+    stopped the model under the request (`Lease.explain`). The /v1 routes pass vLLM's own body
+    on instead."""
+    message = translate.readable_error(e.message) if e.status == 400 else e.message
+    return ApiError(_upstream_status(e), lease.explain(message, e.status))
+
+
 class OllamaService:
     def __init__(self, fleet: Fleet, upstream: Upstream, clock: Callable[[], int] = time.monotonic_ns) -> None:
         self.fleet = fleet
@@ -169,9 +178,11 @@ class OllamaService:
         return self._ctx[key]
 
     def target(self, model: Model, label: str = "") -> Target:
+        # A model at an operator's `url` runs a vLLM vLLama did not start: its limit is unknown.
+        max_stop = None if model.url else engine.max_stop_strings(self.fleet.config, model)
         return Target(name=model.served_name, max_model_len=self._context_length(model),
                       thinking=model.reasoning_parser is not None, tools=model.tool_call_parser is not None,
-                      embedding=model.embedding, label=label or model.name)
+                      embedding=model.embedding, label=label or model.name, max_stop=max_stop)
 
     def _translate(self, lease: Lease, make: Callable[[], Any]) -> Any:
         try:
@@ -248,7 +259,8 @@ class OllamaService:
         if tok is not None:
             call = translate.with_prompt(call, await self._continuation(lease, tok, req.context or []))
         self._note_num_ctx(req.options, target)
-        state = translate.GenerateStream(target.label, translate.Timing(start=start), want_context=not req.raw)
+        state = translate.GenerateStream(target.label, translate.Timing(start=start), want_context=not req.raw,
+                                         top_logprobs=req.top_logprobs or 0)
         return await self._run(lease, call, state)
 
     async def _continuation(self, lease: Lease, tok: translate.UpstreamCall, context: list[int]) -> list[int]:
@@ -257,7 +269,7 @@ class OllamaService:
             body = await self.upstream.post_json(lease.runtime.base_url, tok.path, tok.body)
         except UpstreamError as e:
             lease.release()
-            raise ApiError(_upstream_status(e), lease.explain(e.message, e.status)) from None
+            raise _refusal(lease, e) from None
         except BaseException:
             lease.release()
             raise
@@ -273,7 +285,7 @@ class OllamaService:
         lease, target, call = await self._prepare(
             req.model, req.keep_alive, "chat", lambda t: translate.chat_request(req, t))
         self._note_num_ctx(req.options, target)
-        state = translate.ChatStream(target.label, translate.Timing(start=start))
+        state = translate.ChatStream(target.label, translate.Timing(start=start), top_logprobs=req.top_logprobs or 0)
 
         async def refit(refused: UpstreamError) -> translate.UpstreamCall:
             return await self._fit_context(lease, call, target, refused, truncate=req.truncate is not False)
@@ -328,7 +340,7 @@ class OllamaService:
             except UpstreamError as e:
                 lease.status = _upstream_status(e)
                 self._unreachable(lease, e)
-                raise ApiError(_upstream_status(e), lease.explain(e.message, e.status)) from None
+                raise _refusal(lease, e) from None
             except BaseException:
                 lease.status = 499  # the client left
                 raise
@@ -369,15 +381,14 @@ class OllamaService:
                 except StopAsyncIteration:
                     batch = None
         except (UpstreamError, StreamAborted) as e:
-            upstream_error = e if isinstance(e, UpstreamError) else None
-            lease.status = _upstream_status(upstream_error) if upstream_error else 502
-            message = lease.explain(upstream_error.message, upstream_error.status) if upstream_error else lease.explain(str(e))
+            refusal = _refusal(lease, e) if isinstance(e, UpstreamError) else ApiError(502, lease.explain(str(e)))
+            lease.status = refusal.status
             lease.release()
-            if upstream_error:
-                self._unreachable(lease, upstream_error)
+            if isinstance(e, UpstreamError):
+                self._unreachable(lease, e)
             if events is not None:
                 await events.aclose()
-            raise ApiError(lease.status, message) from None
+            raise refusal from None
         except BaseException:
             lease.status = 499  # the client left
             lease.release()
@@ -472,7 +483,13 @@ class OllamaService:
             return await self.upstream.post_json(lease.runtime.base_url, call.path, call.body)
         except UpstreamError as e:
             self._unreachable(lease, e)
-            raise ApiError(_upstream_status(e), lease.explain(e.message, e.status)) from None
+            if translate.context_overflow(e.status, e.message):
+                # An input too long with ``truncate: false``: Ollama's 400, in its words.
+                refusal = ApiError(400, translate.overflow_message(e.message))
+            else:
+                refusal = _refusal(lease, e)
+            lease.status = refusal.status
+            raise refusal from None
 
     async def embed(self, req: wire.EmbedRequest) -> Reply:
         start = self.clock()

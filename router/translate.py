@@ -15,9 +15,18 @@ Decisions worth knowing (each one is tested in tests/test_translate.py):
   generation_config.json, as vLLM serves it.
 * ``top_p: 0`` keeps only the most likely token, as in Ollama: vLLM refuses top_p 0,
   so it becomes ``top_k: 1`` (the other options keep their meaning).
-* ``num_predict``: n > 0 → ``max_tokens``; -1, -2 and 0 → no ``max_tokens``
-  (vLLM then fills the context, which is what -2 asks for; Ollama's runner also
-  treats 0 as no limit).
+* Values Ollama's sampler accepts and vLLM refuses are mapped as Ollama runs them, never
+  refused: temperature < 0 is greedy (0), top_p is clamped into [0, 1], top_k <= 0 and
+  repeat_penalty <= 0 are off, min_p is clamped into [0, 1]; where vLLM's range is narrower
+  than what Ollama applies, the value is clamped to vLLM's (temperature at most 2,
+  presence/frequency_penalty within ±2). Empty stop strings are dropped; more stop strings
+  than the model's vLLM accepts (``VLLM_MAX_STOP_STRINGS``, see engine.MAX_STOP_STRINGS)
+  are one clear 400.
+* ``num_predict``: n > 0 → ``max_tokens``; -1, -2, 0 and any other n < 0 → no
+  ``max_tokens`` (vLLM then fills the context, which is what -2 asks for; Ollama's
+  runner treats any n <= 0 as no limit).
+* ``top_logprobs`` are the k most likely tokens, sorted, as Ollama's: vLLM is asked for
+  one more where needed (`_logprobs`), and the answer sorted and cut to k.
 * Options vLLM has no equivalent for (num_gpu, num_thread, mirostat*, typical_p,
   tfs_z, num_keep, repeat_last_n…) are accepted and ignored, as Ollama ignores
   unknown ones. ``num_ctx`` does not reach vLLM (the context is fixed when a model is
@@ -38,6 +47,8 @@ Decisions worth knowing (each one is tested in tests/test_translate.py):
   oldest messages, never the system messages nor the latest one, as Ollama's chatPrompt
   does; `truncation_cuts` says where a conversation may be cut and `ContextFit` how far,
   from vLLM's token counts. Only a refused request pays for it.
+* A vLLM request-validation 400 (pydantic's error list) becomes one readable line
+  (`readable_error`) on the Ollama API; the /v1 routes pass vLLM's body on as it is.
 * Tool calls keep vLLM's ids. A tool result without ``tool_call_id`` (the
   Ollama clients send only ``tool_name``) answers the earliest unanswered call
   of that name, or else the earliest unanswered call. Calls that arrive without
@@ -47,6 +58,7 @@ Decisions worth knowing (each one is tested in tests/test_translate.py):
 
 from __future__ import annotations
 
+import ast
 import base64
 import binascii
 import math
@@ -72,8 +84,8 @@ IGNORED_OPTIONS = frozenset(
 
 THINK_LEVELS = ("low", "medium", "high", "max")
 
-MAX_TEMPERATURE = 100.0
-"""Above this a temperature is noise; refused rather than passed on."""
+MAX_TEMPERATURE = 2.0
+"""vLLM's highest temperature (it refuses more); a hotter one is sent as this."""
 
 _json_encode = msgspec.json.Encoder().encode
 _json_decode = msgspec.json.Decoder().decode
@@ -103,6 +115,8 @@ class Target:
     """Served with a tool-call parser."""
     embedding: bool = False
     """Served with ``--runner pooling``: embeddings only."""
+    max_stop: int | None = None
+    """The most stop strings the model's vLLM accepts (its ``VLLM_MAX_STOP_STRINGS``), when known."""
     label: str = ""
     """The model as the client named it, for error messages."""
 
@@ -151,58 +165,77 @@ def _int_option(name: str, value: float) -> int:
     return int(value)
 
 
-def _range(name: str, value: float, lo: float, hi: float | None = None) -> float:
-    if not math.isfinite(value) or value < lo or (hi is not None and value > hi):
-        bound = f"between {lo:g} and {hi:g}" if hi is not None else f"at least {lo:g}"
-        raise TranslationError(f'option "{name}" must be {bound}, got {value:g}')
+def _finite(name: str, value: float) -> float:
+    if not math.isfinite(value):
+        raise TranslationError(f'option "{name}" must be a finite number')
     return float(value)
 
 
+def _clamp(name: str, value: float, lo: float, hi: float) -> float:
+    """`value` brought into [lo, hi]: Ollama's sampler takes any number and clamps (or ignores)
+    what is out of range, where vLLM refuses it. Only a non-number is refused."""
+    return float(min(max(_finite(name, value), lo), hi))
+
+
+def _stops(stop: Sequence[str], target: Target) -> list[str]:
+    """The stop strings for vLLM. Empty ones are dropped: vLLM refuses them, and Ollama's runner
+    finds one in any text, so it would end every answer empty at once, which no client means.
+    More than the model's vLLM accepts (its ``VLLM_MAX_STOP_STRINGS``, which vLLama raises well
+    above vLLM's default of 4) are refused here in one sentence, not by vLLM's validation dump."""
+    out = [s for s in stop if s]
+    if target.max_stop is not None and len(out) > target.max_stop:
+        raise TranslationError(f'option "stop" has {len(out)} strings; "{target.shown}" accepts at most '
+                               f"{target.max_stop} (VLLM_MAX_STOP_STRINGS in its env)")
+    return out
+
+
 def sampling(options: wire.Options | None, target: Target) -> dict[str, Any]:
-    """Ollama `options` → vLLM sampling parameters (see the module docstring for the rules)."""
+    """Ollama `options` → vLLM sampling parameters (see the module docstring for the rules).
+
+    Values Ollama's sampler accepts but vLLM refuses are mapped to what Ollama does with them
+    (a negative temperature is greedy, top_p ≥ 1 and top_k ≤ 0 are off…), never refused.
+    """
     out: dict[str, Any] = {}
     if options is None:
         return out
     o = options
     if o.num_predict is not None:
         n = _int_option("num_predict", o.num_predict)
-        if n < -2:
-            raise TranslationError(f'option "num_predict" must be -1 (no limit), -2 (fill the context) '
-                                   f'or a number of tokens, got {n}')
-        if n > 0:
+        if n > 0:  # Ollama's runner: any n <= 0 is no limit
             if target.max_model_len is not None and n > target.max_model_len:
                 # vLLM refuses max_tokens above max_model_len; Ollama stops at the context's end.
                 n = target.max_model_len
             out["max_tokens"] = n
     if o.temperature is not None:
-        out["temperature"] = _range("temperature", o.temperature, 0, MAX_TEMPERATURE)
-    top_p = None if o.top_p is None else _range("top_p", o.top_p, 0, 1)
+        # Ollama: below 0 is greedy (0). vLLM refuses more than MAX_TEMPERATURE.
+        out["temperature"] = _clamp("temperature", o.temperature, 0, MAX_TEMPERATURE)
+    top_p = None if o.top_p is None else _clamp("top_p", o.top_p, 0, 1)  # Ollama: >= 1 is off
     if top_p:
         out["top_p"] = top_p
     if o.top_k is not None:
         k = _int_option("top_k", o.top_k)
-        out["top_k"] = max(0, k)  # vLLM: 0 = all tokens
+        out["top_k"] = max(0, k)  # Ollama: <= 0 is off; vLLM: 0 = all tokens
     if top_p == 0:
         # Ollama keeps the most likely token alone; vLLM wants top_p in (0, 1]: that is top_k 1.
         out["top_k"] = 1
     if o.min_p is not None:
-        out["min_p"] = _range("min_p", o.min_p, 0, 1)
+        out["min_p"] = _clamp("min_p", o.min_p, 0, 1)
     if o.seed is not None:
         seed = _int_option("seed", o.seed)
         if seed >= 0:  # Ollama: -1 = random
             out["seed"] = seed
     if o.stop:
-        out["stop"] = list(o.stop)
+        stops = _stops(o.stop, target)
+        if stops:
+            out["stop"] = stops
     if o.repeat_penalty is not None:
-        rp = float(o.repeat_penalty)
-        if rp > 0:  # 0 is llama.cpp's "off" as much as 1.0 is
-            out["repetition_penalty"] = _range("repeat_penalty", rp, 0)
-        elif rp < 0 or not math.isfinite(rp):
-            raise TranslationError(f'option "repeat_penalty" must be positive, got {rp:g}')
+        rp = _finite("repeat_penalty", o.repeat_penalty)
+        if rp > 0:  # Ollama's sampler takes <= 0 as off (1.0), as llama.cpp takes 0
+            out["repetition_penalty"] = rp
     for key in ("presence_penalty", "frequency_penalty"):
         v = getattr(o, key)
         if v is not None:
-            out[key] = _range(key, v, -2, 2)
+            out[key] = _clamp(key, v, -2, 2)  # vLLM's range; Ollama applies any value
     if o.num_ctx is not None:
         # Checked like any int option, then left out: vLLM's context is the one the model is
         # served with. More than that is clamped to it (see `oversized_num_ctx`), never a 400.
@@ -287,14 +320,28 @@ def _think(think: wire.Think, target: Target) -> dict[str, Any]:
     return extra
 
 
+MAX_TOP_LOGPROBS = 20
+"""Ollama's limit for ``top_logprobs``, and vLLM's default ``--max-logprobs``."""
+
+
 def _logprobs(logprobs: bool | None, top: int | None, chat: bool) -> dict[str, Any]:
-    if top is not None and not 0 <= top <= 20:
-        raise TranslationError("top_logprobs must be between 0 and 20")
+    """Ollama's ``logprobs``/``top_logprobs`` → vLLM's.
+
+    Ollama's ``top_logprobs`` are the k most likely tokens. vLLM's are not quite: its sampler
+    gives the sampled token, then the most likely ones (vllm/v1/engine/logprobs.py), and the
+    chat API keeps the first k of those, so when the sampled token is not among the k most
+    likely, the k-th is missing. Asking for k+1 brings it back (`_logprobs_out` sorts and keeps
+    k); at k = 20, vLLM's maximum, the 20th may stay missing. The completions API keeps the
+    sampled token *and* the k most likely, so k is enough there.
+    """
+    if top is not None and not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise TranslationError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}")
     if not logprobs:
         return {}
+    k = top or 0
     if chat:
-        return {"logprobs": True, "top_logprobs": top or 0}
-    return {"logprobs": top or 0}
+        return {"logprobs": True, "top_logprobs": min(k + 1, MAX_TOP_LOGPROBS) if k else 0}
+    return {"logprobs": k}
 
 
 def _finish_body(body: dict[str, Any], stream: bool, options: wire.Options | None, target: Target) -> dict[str, Any]:
@@ -525,8 +572,8 @@ answer one token, and the next turn would overflow again."""
 
 
 def overflow_message(detail: str) -> str:
-    """A prompt vLLM refused as too long, in Ollama's words (as /api/chat answers it), with
-    vLLM's numbers after them."""
+    """A prompt vLLM refused as too long, in Ollama's words (as /api/chat, and /api/embed with
+    ``truncate: false``, answer it: a 400), with vLLM's numbers after them."""
     return f"{CONTEXT_OVERFLOW}: {detail}" if detail else CONTEXT_OVERFLOW
 
 
@@ -810,8 +857,18 @@ def _token_bytes(token: str) -> list[int]:
     return list(token.encode("utf-8", "surrogatepass"))
 
 
-def _logprobs_out(lp: Mapping[str, Any] | None) -> list[wire.Logprob] | None:
-    """vLLM logprobs → Ollama's ``[{token, logprob, bytes, top_logprobs}]``.
+def _top(entries: list[wire.Logprob], top: int | None) -> list[wire.Logprob] | None:
+    """The `top` most likely of `entries`, most likely first (all of them, sorted, when `top`
+    is None), as Ollama lists ``top_logprobs``; vLLM lists the sampled token first."""
+    entries.sort(key=lambda e: e.logprob, reverse=True)  # stable: ties keep vLLM's order
+    if top is not None:
+        del entries[top:]
+    return entries or None
+
+
+def _logprobs_out(lp: Mapping[str, Any] | None, top: int | None = None) -> list[wire.Logprob] | None:
+    """vLLM logprobs → Ollama's ``[{token, logprob, bytes, top_logprobs}]``, with the `top`
+    most likely tokens at each position (see `_logprobs` for why vLLM may send more).
 
     Chat: ``{"content": [{token, logprob, bytes, top_logprobs: [...]}]}``;
     completions: ``{"tokens": [...], "token_logprobs": [...], "top_logprobs": [{token: logprob}]}``.
@@ -824,9 +881,9 @@ def _logprobs_out(lp: Mapping[str, Any] | None) -> list[wire.Logprob] | None:
             wire.Logprob(
                 token=i.get("token", ""), logprob=float(i.get("logprob", 0.0)),
                 bytes=i.get("bytes") if i.get("bytes") is not None else _token_bytes(i.get("token", "")),
-                top_logprobs=[wire.Logprob(token=t.get("token", ""), logprob=float(t.get("logprob", 0.0)),
-                                           bytes=t.get("bytes"))
-                              for t in i.get("top_logprobs") or ()] or None)
+                top_logprobs=_top([wire.Logprob(token=t.get("token", ""), logprob=float(t.get("logprob", 0.0)),
+                                                bytes=t.get("bytes"))
+                                   for t in i.get("top_logprobs") or ()], top))
             for i in items
         ] or None
     tokens = lp.get("tokens") or []
@@ -835,11 +892,11 @@ def _logprobs_out(lp: Mapping[str, Any] | None) -> list[wire.Logprob] | None:
     out = []
     for n, tok in enumerate(tokens):
         value = values[n] if n < len(values) and values[n] is not None else 0.0
-        top = tops[n] if n < len(tops) and tops[n] else {}
+        alts = tops[n] if n < len(tops) and tops[n] else {}
         out.append(wire.Logprob(
             token=tok, logprob=float(value), bytes=_token_bytes(tok),
-            top_logprobs=[wire.Logprob(token=t, logprob=float(v), bytes=_token_bytes(t)) for t, v in top.items()]
-            or None))
+            top_logprobs=_top([wire.Logprob(token=t, logprob=float(v), bytes=_token_bytes(t))
+                               for t, v in alts.items()], top)))
     return out or None
 
 
@@ -873,12 +930,14 @@ class _Stream:
     """Shared state of a response being translated.
 
     `stamp` is the ``created_at`` of the chunks being made; the caller refreshes it
-    once per batch of chunks (one socket read) rather than once per chunk.
+    once per batch of chunks (one socket read) rather than once per chunk. `top_logprobs` is
+    the request's (0 when it asked for none): vLLM may send more (see `_logprobs`).
     """
 
-    def __init__(self, model: str, timing: Timing) -> None:
+    def __init__(self, model: str, timing: Timing, top_logprobs: int | None = None) -> None:
         self.model = model
         self.timing = timing
+        self.top_logprobs = top_logprobs
         self.prompt_tokens = 0
         self.output_tokens = 0
         self.done_reason: str | None = None
@@ -934,8 +993,9 @@ class GenerateStream(_Stream):
     for the final chunk's ``context``.
     """
 
-    def __init__(self, model: str, timing: Timing, want_context: bool = False) -> None:
-        super().__init__(model, timing)
+    def __init__(self, model: str, timing: Timing, want_context: bool = False,
+                 top_logprobs: int | None = None) -> None:
+        super().__init__(model, timing, top_logprobs)
         self.want_context = want_context
         self.context: list[int] = []
 
@@ -969,7 +1029,7 @@ class GenerateStream(_Stream):
             return None
         self._token_seen(now)
         return wire.GenerateChunk(model=self.model, created_at=self.stamp or rfc3339(), response=text, done=False,
-                                  thinking=thinking or None, logprobs=_logprobs_out(lp) if lp else None)
+                                  thinking=thinking or None, logprobs=_logprobs_out(lp, self.top_logprobs) if lp else None)
 
     def done(self, now: int) -> wire.GenerateChunk:
         return wire.GenerateChunk(model=self.model, created_at=rfc3339(), response="", done=True,
@@ -995,7 +1055,7 @@ class GenerateStream(_Stream):
         return wire.GenerateChunk(model=self.model, created_at=rfc3339(), response=text, done=True,
                                   thinking=thinking or None, done_reason=self.done_reason or "stop",
                                   context=self.context if self.want_context else None,
-                                  logprobs=_logprobs_out(choice.get("logprobs")), **self.final_metrics(now))
+                                  logprobs=_logprobs_out(choice.get("logprobs"), self.top_logprobs), **self.final_metrics(now))
 
 
 class ChatStream(_Stream):
@@ -1006,8 +1066,8 @@ class ChatStream(_Stream):
     complete: when the next call starts, or when the choice finishes.
     """
 
-    def __init__(self, model: str, timing: Timing) -> None:
-        super().__init__(model, timing)
+    def __init__(self, model: str, timing: Timing, top_logprobs: int | None = None) -> None:
+        super().__init__(model, timing, top_logprobs)
         self._tools: dict[int, _ToolAcc] = {}
 
     def _take_tools(self) -> list[wire.ToolCall] | None:
@@ -1063,7 +1123,7 @@ class ChatStream(_Stream):
         self._token_seen(now)
         msg = wire.OutMessage(role="assistant", content=text, thinking=thinking or None, tool_calls=calls)
         return wire.ChatChunk(model=self.model, created_at=self.stamp or rfc3339(), message=msg, done=False,
-                              logprobs=_logprobs_out(lp) if lp else None)
+                              logprobs=_logprobs_out(lp, self.top_logprobs) if lp else None)
 
     def done(self, now: int) -> wire.ChatChunk:
         calls = self._take_tools()  # a stream that ended without finish_reason
@@ -1090,7 +1150,7 @@ class ChatStream(_Stream):
                               tool_calls=calls)
         return wire.ChatChunk(model=self.model, created_at=rfc3339(), message=out, done=True,
                               done_reason=self.done_reason or "stop",
-                              logprobs=_logprobs_out(choice.get("logprobs")), **self.final_metrics(now))
+                              logprobs=_logprobs_out(choice.get("logprobs"), self.top_logprobs), **self.final_metrics(now))
 
 
 def upstream_error_message(status: int, body: bytes) -> str:
@@ -1111,3 +1171,45 @@ def upstream_error_message(status: int, body: bytes) -> str:
         if data.get("detail"):
             return str(data["detail"])
     return f"upstream returned HTTP {status}"
+
+
+_VALIDATION_HEAD = re.compile(r"\d+ validation errors?:\n")
+_PY_STR = r"'(?:[^'\\]|\\.)*'" r'|"(?:[^"\\]|\\.)*"'
+"""A Python str literal as repr() writes it: in single quotes, or in double quotes when the
+text has a single quote and no double one."""
+_ERROR_FIELD = re.compile(rf"'(type|loc|msg)': ({_PY_STR})")
+
+
+def readable_error(message: str) -> str:
+    """A vLLM request-validation refusal as one readable line; any other message as it is.
+
+    vLLM answers a body its schema refuses with a 400 whose message is pydantic's error list,
+    one Python dict per line (vllm/entrypoints/serve/exception_handling/handlers/validation.py):
+    ``2 validation errors:\\n  {'type': 'string_type', 'loc': 'body.stop', 'msg': 'Input should
+    be a valid string', ...}\\n  {'type': 'too_long', 'loc': 'body.stop', 'msg': 'List should
+    have at most 4 items after validation, not 5', ...}``. That becomes ``stop: List should have
+    at most 4 items after validation, not 5``: one message per field, ``; ``-joined. A field of
+    several types gets one error per type; those saying the value is not of that type (a
+    ``*_type`` error) give way to the one about the type the value has.
+    """
+    if not _VALIDATION_HEAD.match(message):
+        return message
+    by_loc: dict[str, list[tuple[str, str]]] = {}
+    for line in message.splitlines()[1:]:
+        fields: dict[str, str] = {}
+        for key, literal in _ERROR_FIELD.findall(line):
+            if key not in fields:  # the first is the error's own; later ones may sit in its input
+                try:
+                    fields[key] = str(ast.literal_eval(literal))
+                except (ValueError, SyntaxError):
+                    return message
+        if "msg" in fields:
+            by_loc.setdefault(fields.get("loc", ""), []).append((fields.get("type", ""), fields["msg"]))
+    if not by_loc:
+        return message
+    parts = []
+    for loc, errors in by_loc.items():
+        msg = next((m for t, m in errors if not t.endswith("_type")), errors[0][1])
+        field = "" if loc == "body" else loc.removeprefix("body.")
+        parts.append(f"{field}: {msg}" if field else msg)
+    return "; ".join(parts)

@@ -387,7 +387,7 @@ def test_chat_logprobs(client: ollama.Client, fake: FakeVLLM) -> None:
     r = client.chat(model="smart", messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=2)
     assert [lp.token for lp in r.logprobs] == ["a", "b"]
     assert r.logprobs[0].top_logprobs[1].token == "x"
-    assert fake.last()["top_logprobs"] == 2
+    assert fake.last()["top_logprobs"] == 3  # one more than asked, kept to 2: see translate._logprobs
 
 
 def test_alias_resolves_and_the_reply_names_the_model_as_asked(client: ollama.Client, fake: FakeVLLM) -> None:
@@ -409,6 +409,17 @@ def test_embed(client: ollama.Client, fake: FakeVLLM) -> None:
     assert fake.last()["input"] == ["a"]  # the empty request never reached vLLM
     legacy = client.embeddings(model="embedder", prompt="a")
     assert legacy.embedding == [2.0, 2.0, 2.0, 1.0]  # as vLLM gave it: not normalised
+
+
+def test_embed_too_long_without_truncation_is_ollamas_400(client: ollama.Client, fake: FakeVLLM) -> None:
+    fake.push(error(400, "This model's maximum context length is 512 tokens. However, your prompt contains 600 "
+                         "input tokens, which exceeds this limit even without any output tokens. Please reduce the "
+                         "length of the input prompt. (parameter=input_tokens, value=600)"))
+    with pytest.raises(ollama.ResponseError) as e:
+        client.embed(model="embedder", input="long " * 600, truncate=False)
+    assert e.value.status_code == 400
+    assert e.value.error.startswith("the input length exceeds the context length: This model's maximum")
+    assert "truncate_prompt_tokens" not in fake.last()
 
 
 def test_embed_on_a_generative_model_is_a_400(client: ollama.Client) -> None:
@@ -544,6 +555,57 @@ def test_upstream_error_before_output_keeps_its_status(client: ollama.Client, fa
     with pytest.raises(ollama.ResponseError) as e:
         client.generate(model="smart", prompt="x")
     assert e.value.status_code == 502
+
+
+STOP_DUMP = (
+    "2 validation errors:\n"
+    "  {'type': 'string_type', 'loc': 'body.stop', 'msg': 'Input should be a valid string', "
+    "'input': '<list of 5 items>', 'url': 'https://errors.pydantic.dev/2.14/v/string_type'}\n"
+    "  {'type': 'too_long', 'loc': 'body.stop', 'msg': 'List should have at most 4 items after validation, not 5', "
+    "'input': '<list of 5 items>', 'ctx': {'field_type': 'List', 'max_length': 4, 'actual_length': 5}, "
+    "'url': 'https://errors.pydantic.dev/2.14/v/too_long'}")
+
+
+def test_vllms_validation_dump_is_one_readable_line_on_the_ollama_api(router: RouterThread, client: ollama.Client,
+                                                                      fake: FakeVLLM) -> None:
+    """A model at a `url` (a vLLM vLLama did not start) may keep vLLM's limit of 4 stop strings."""
+    stop = ["a", "b", "c", "d", "e"]
+    readable = "stop: List should have at most 4 items after validation, not 5"
+    for stream in (False, True):
+        fake.push(error(400, STOP_DUMP))
+        with pytest.raises(ollama.ResponseError) as e:
+            list(client.chat(model="smart", messages=[{"role": "user", "content": "x"}], stream=True,
+                             options={"stop": stop})) if stream else \
+                client.chat(model="smart", messages=[{"role": "user", "content": "x"}], options={"stop": stop})
+        assert (e.value.status_code, e.value.error) == (400, readable)
+        assert fake.last()["stop"] == stop  # a url model's limit is unknown: vLLM decides
+    fake.push(error(400, STOP_DUMP))
+    with pytest.raises(ollama.ResponseError) as e:
+        client.generate(model="smart", prompt="x", raw=True, options={"stop": stop})
+    assert (e.value.status_code, e.value.error) == (400, readable)
+    fake.push(error(400, STOP_DUMP))  # OpenAI clients get vLLM's own body
+    r = post(router, "/v1/chat/completions", {"model": "smart", "messages": [{"role": "user", "content": "x"}],
+                                              "stop": stop})
+    assert r.status_code == 400 and r.json()["error"]["message"] == STOP_DUMP
+
+
+def test_the_stop_limit_is_the_one_vllama_starts_vllm_with(tmp_path: Any) -> None:
+    """Models vLLama starts accept engine.MAX_STOP_STRINGS stop strings, or what their env says;
+    more is refused before vLLM, in one sentence."""
+    from types import SimpleNamespace
+
+    from router import config, engine
+    from router.service import OllamaService
+    cfg = config.parse({"engine": {"env": {"VLLM_MAX_STOP_STRINGS": "8"}}, "models": [
+        {"name": "a", "source": "./a", "max_model_len": 512},
+        {"name": "b", "source": "./b", "max_model_len": 512, "env": {"VLLM_MAX_STOP_STRINGS": "6"}},
+        {"name": "c", "source": "./c", "max_model_len": 512, "url": "http://127.0.0.1:1"}]},
+        path=tmp_path / "models.yaml")
+    service = OllamaService(SimpleNamespace(config=cfg), upstream=None)  # type: ignore[arg-type]
+    assert [service.target(m).max_stop for m in cfg.models] == [8, 6, None]
+    default = config.parse({"models": [{"name": "a", "source": "./a"}]}, path=tmp_path / "models.yaml")
+    assert engine.vllm_env(default, default.models[0])["VLLM_MAX_STOP_STRINGS"] == str(engine.MAX_STOP_STRINGS)
+    assert engine.max_stop_strings(default, default.models[0]) == engine.MAX_STOP_STRINGS >= 32
 
 
 def test_upstream_failure_after_the_role_chunk_is_still_before_any_output(router: RouterThread,

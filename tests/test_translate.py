@@ -204,10 +204,12 @@ def test_every_sampling_option_maps_to_vllm() -> None:
 
 
 @pytest.mark.parametrize(("num_predict", "expected"), [(7, {"max_tokens": 7}), (-1, {}), (-2, {}), (0, {}),
+                                                       (-3, {}), (-1000, {}),
                                                        (5000, {"max_tokens": 1024}), (3.9, {"max_tokens": 3})])
 def test_num_predict(num_predict: float, expected: dict[str, Any]) -> None:
-    # -1 no limit, -2 fill the context: both are vLLM's default (the rest of the context).
-    # Above the served context, vLLM would refuse; Ollama stops at the context's end.
+    # -1 no limit, -2 fill the context: both are vLLM's default (the rest of the context); Ollama's
+    # runner takes any other n <= 0 as no limit too. Above the served context, vLLM would refuse;
+    # Ollama stops at the context's end.
     assert opts(num_predict=num_predict) == expected
 
 
@@ -246,11 +248,30 @@ def test_num_ctx_above_the_served_context_is_clamped_not_refused() -> None:
         opts(num_ctx=1e30)  # not an int Ollama's decoder reads: still refused
 
 
-@pytest.mark.parametrize(("option", "value"), [("temperature", -1), ("top_p", 1.5), ("min_p", 2),
-                                               ("presence_penalty", 3), ("repeat_penalty", -1)])
-def test_out_of_range_options_are_400s_naming_the_option(option: str, value: float) -> None:
-    with pytest.raises(TranslationError, match=f'option "{option}"'):
-        opts(**{option: value})
+@pytest.mark.parametrize(("options", "expected"), [
+    ({"temperature": -1}, {"temperature": 0.0}),  # Ollama: below 0 is greedy
+    ({"temperature": 5}, {"temperature": 2.0}),  # vLLM's hottest
+    ({"top_p": 5}, {"top_p": 1.0}),  # Ollama: >= 1 is off (sent, so generation_config's does not apply)
+    ({"top_p": -0.5}, {"top_k": 1}),  # Ollama clamps to 0: the top token alone
+    ({"top_k": -5}, {"top_k": 0}),  # Ollama: <= 0 is off
+    ({"min_p": 2}, {"min_p": 1.0}), ({"min_p": -1}, {"min_p": 0.0}),
+    ({"repeat_penalty": -1}, {}),  # Ollama's sampler: <= 0 is off
+    ({"presence_penalty": 3, "frequency_penalty": -7}, {"presence_penalty": 2.0, "frequency_penalty": -2.0}),
+    ({"stop": [""]}, {}), ({"stop": ["", "x", ""]}, {"stop": ["x"]}),  # vLLM refuses an empty stop string
+])
+def test_values_ollama_accepts_but_vllm_refuses_are_mapped_as_ollama_runs_them(
+        options: dict[str, Any], expected: dict[str, Any]) -> None:
+    assert opts(**options) == expected
+
+
+def test_stop_strings_up_to_the_models_limit_and_one_sentence_beyond_it() -> None:
+    five = [f"s{i}" for i in range(5)]
+    assert opts(stop=five) == {"stop": five}  # Ollama has no limit; unknown limit: vLLM decides
+    limited = Target(name="m:latest", label="m", max_stop=5)
+    assert t.sampling(msgspec.convert({"stop": [*five, ""]}, wire.Options), limited) == {"stop": five}
+    with pytest.raises(TranslationError) as e:
+        t.chat_request(chat(messages=[{"role": "user", "content": "x"}], options={"stop": [*five, "s5"]}), limited)
+    assert str(e.value) == 'option "stop" has 6 strings; "m" accepts at most 5 (VLLM_MAX_STOP_STRINGS in its env)'
 
 
 def test_wrong_option_types_fail_decoding() -> None:
@@ -293,12 +314,48 @@ def test_think() -> None:
 
 def test_logprobs() -> None:
     c = t.chat_request(chat(messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=3), M)
-    assert (c.body["logprobs"], c.body["top_logprobs"]) == (True, 3)
+    assert (c.body["logprobs"], c.body["top_logprobs"]) == (True, 4)  # one more: see test_top_logprobs_*
+    g = t.generate_request(gen(prompt="x", logprobs=True, top_logprobs=3), M)
+    assert (g.body["logprobs"], g.body["top_logprobs"]) == (True, 4)
+    for k, asked in ((0, 0), (19, 20), (20, 20)):  # 20 is vLLM's most
+        c = t.chat_request(chat(messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=k), M)
+        assert c.body["top_logprobs"] == asked
     g = t.generate_request(gen(prompt="x", raw=True, logprobs=True, top_logprobs=2), M)
     assert g.body["logprobs"] == 2  # completions: the number of top logprobs
     assert "logprobs" not in t.generate_request(gen(prompt="x", top_logprobs=2), M).body
     with pytest.raises(TranslationError, match="top_logprobs must be between 0 and 20"):
         t.chat_request(chat(messages=[{"role": "user", "content": "x"}], logprobs=True, top_logprobs=21), M)
+
+
+def _lp(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+
+def test_top_logprobs_are_the_k_most_likely_sorted() -> None:
+    """vLLM's chat API lists the sampled token first, then the most likely ones, k in all (here
+    k+1, as asked): Ollama's top_logprobs are the k most likely, most likely first."""
+    sampled = _lp("tent", -6.6)
+    chat_lp = {"content": [{**sampled, "top_logprobs": [sampled, _lp("a", -5.8), _lp(" t", -5.9), _lp("b", -6.0)]}]}
+    chunk = {"choices": [{"index": 0, "delta": {"content": "tent"}, "logprobs": chat_lp, "finish_reason": None}]}
+    whole = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "tent"}, "logprobs": chat_lp,
+                          "finish_reason": "stop"}], "usage": {"prompt_tokens": 1, "completion_tokens": 1}}
+    top3 = [("a", -5.8), (" t", -5.9), ("b", -6.0)]
+
+    def tops(out: Any) -> list[tuple[str, float]]:
+        return [(e.token, e.logprob) for e in out.logprobs[0].top_logprobs]
+
+    assert tops(t.ChatStream("m", Timing(0), top_logprobs=3).chunk(chunk, 1)) == top3
+    assert tops(t.ChatStream("m", Timing(0), top_logprobs=3).whole(whole, 1)) == top3
+    assert tops(t.GenerateStream("m", Timing(0), top_logprobs=3).chunk(chunk, 1)) == top3
+    assert tops(t.GenerateStream("m", Timing(0), top_logprobs=3).whole(whole, 1)) == top3
+    assert t.ChatStream("m", Timing(0), top_logprobs=0).chunk(chunk, 1).logprobs[0].top_logprobs is None
+    # Completions (raw, template, context): the sampled token and the k most likely, by text.
+    comp_lp = {"tokens": ["tent"], "token_logprobs": [-6.6],
+               "top_logprobs": [{"tent": -6.6, "a": -5.8, " t": -5.9, "b": -6.0}]}
+    comp = {"choices": [{"index": 0, "text": "tent", "logprobs": comp_lp, "finish_reason": None}]}
+    assert tops(t.GenerateStream("m", Timing(0), top_logprobs=3).chunk(comp, 1)) == top3
+    # logprobs without top_logprobs: vLLM's completions still list the sampled token; Ollama lists none
+    assert t.GenerateStream("m", Timing(0), top_logprobs=0).chunk(comp, 1).logprobs[0].top_logprobs is None
 
 
 # --- requests: chat, tools ---------------------------------------------------------------
@@ -765,3 +822,27 @@ def test_upstream_error_messages() -> None:
     assert t.upstream_error_message(400, b'{"object":"error","message":"old style"}') == "old style"
     assert t.upstream_error_message(500, b"Internal Server Error") == "Internal Server Error"
     assert t.upstream_error_message(502, b"") == "upstream returned HTTP 502"
+
+
+# vLLM 0.32's own message for five stop strings (its validation handler, run on the real request model).
+STOP_DUMP = (
+    "2 validation errors:\n"
+    "  {'type': 'string_type', 'loc': 'body.stop', 'msg': 'Input should be a valid string', "
+    "'input': '<list of 5 items>', 'url': 'https://errors.pydantic.dev/2.14/v/string_type'}\n"
+    "  {'type': 'too_long', 'loc': 'body.stop', 'msg': 'List should have at most 4 items after validation, not 5', "
+    "'input': '<list of 5 items>', 'ctx': {'field_type': 'List', 'max_length': 4, 'actual_length': 5}, "
+    "'url': 'https://errors.pydantic.dev/2.14/v/too_long'}")
+
+
+def test_vllms_validation_dump_becomes_one_readable_line() -> None:
+    assert t.readable_error(STOP_DUMP) == "stop: List should have at most 4 items after validation, not 5"
+    two_fields = ("2 validation errors:\n"
+                  "  {'type': 'literal_error', 'loc': 'body.messages.0.role', "
+                  "'msg': \"Input should be 'user' or 'assistant'\", 'input': \"it's\"}\n"
+                  "  {'type': 'int_parsing', 'loc': 'body.n', 'msg': 'Input should be a valid integer', 'input': 'x'}")
+    assert t.readable_error(two_fields) == \
+        "messages.0.role: Input should be 'user' or 'assistant'; n: Input should be a valid integer"
+    assert t.readable_error("1 validation error:\n  {'type': 'missing', 'loc': 'body', 'msg': 'Field required'}") \
+        == "Field required"
+    for other in ("temperature must be non-negative", "2 validation errors:\n  garbled", ""):
+        assert t.readable_error(other) == other  # anything else is kept as vLLM wrote it
