@@ -1,11 +1,12 @@
 """The HTTP layer: Litestar routes for the Ollama API, thin wrappers over the service.
 
 Handlers decode the body into a wire type, call one service method and wrap
-what it returns; every error leaves as Ollama's ``{"error": "..."}`` with its
-status, never a traceback. A client that goes away cancels its request: while
-the service works (waiting for the model, a non-streamed generation) a watcher
-on the connection cancels the handler; once streaming, Litestar stops the
-stream and the stream's close aborts the upstream request.
+what it returns; every error leaves as Ollama's ``{"error": "..."}`` (OpenAI's or
+Anthropic's shape on /v1) with its status, never a traceback. A client that goes
+away cancels its request: while the service works (waiting for the model, a
+non-streamed generation) a watcher on the connection cancels the handler; once
+streaming, Litestar stops the stream and the stream's close aborts the upstream
+request.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from . import __version__, wire
 from .auth import Guard, KeyStore, too_large_message
 from .catalog import Catalog
 from .config import normalize_name
-from .limits import Gate, bad_json, error_body
+from .limits import Gate, bad_json, error_body, is_v1
 from .passthrough import passthrough_router
 from .schema import document
 from .service import ApiError, OllamaService, Reply
@@ -115,11 +116,21 @@ async def until_gone(request: Request[Any, Any, Any], work: Awaitable[T]) -> T:
         watcher.cancel()
 
 
-def _on_api_error(_: Request[Any, Any, Any], exc: ApiError) -> Response[Any]:
-    return _error(exc.status, exc.message, exc.retry_after)
+def _router_error(request: Request[Any, Any, Any], status: int, message: str,
+                  retry_after: int | None = None) -> Response[Any]:
+    """An error the router makes itself, in the shape of the API the path belongs to
+    (`limits.error_body`): Ollama's on /api and the rest, OpenAI's on /v1, Anthropic's on
+    /v1/messages, as the pass-through's own errors are, so a client's SDK can read it."""
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return Response(error_body(request.url.path, status, message), status_code=status, headers=headers,
+                    media_type="application/json")
 
 
-def _on_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
+def _on_api_error(request: Request[Any, Any, Any], exc: ApiError) -> Response[Any]:
+    return _router_error(request, exc.status, exc.message, exc.retry_after)
+
+
+def _on_validation(request: Request[Any, Any, Any], exc: ValidationException) -> Response[Any]:
     """Litestar's body-validation errors → one message naming the field."""
     extra = exc.extra if isinstance(exc.extra, list) else []
     parts = []
@@ -128,12 +139,12 @@ def _on_validation(_: Request[Any, Any, Any], exc: ValidationException) -> Respo
             key = e.get("key")
             msg = str(e.get("message", ""))
             if key == "data" and msg == "'data'":
-                return _error(400, "missing request body")
+                return _router_error(request, 400, "missing request body")
             if key == "data":
                 key = None  # the body as a whole
             parts.append(f"{key}: {msg}" if key else msg)
     detail = "; ".join(parts) or str(exc.detail)
-    return _error(400, detail)
+    return _router_error(request, 400, detail)
 
 
 #: What msgspec 0.23 says of a body that is not UTF-8 (older releases raised UnicodeDecodeError).
@@ -141,24 +152,25 @@ _NOT_UTF8 = "Invalid UTF-8 encoded string"
 
 
 def _on_http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
-    if isinstance(exc, NotFoundException):
-        return _error(404, "404 page not found")
-    if isinstance(exc, MethodNotAllowedException):
-        return _error(405, "405 method not allowed")
+    if isinstance(exc, (NotFoundException, MethodNotAllowedException)):
+        status = 404 if isinstance(exc, NotFoundException) else 405
+        if is_v1(request.url.path):  # in OpenAI's words: "Invalid URL (POST /v1/responses)"
+            what = "Invalid URL" if status == 404 else "Method not allowed"
+            return _router_error(request, status, f"{what} ({request.method} {request.url.path})")
+        return _error(status, "404 page not found" if status == 404 else "405 method not allowed")  # Go's mux
     detail = str(exc.detail)
     if exc.status_code == 400 and detail == _NOT_UTF8:
         detail = "invalid JSON: not valid UTF-8"
     elif exc.status_code == 400 and (detail.startswith("JSON is malformed") or detail == "Input data was truncated"):
         detail = f"invalid JSON: {detail if detail.startswith('JSON') else detail[0].lower() + detail[1:]}"
-    if exc.status_code == 413:  # in the shape of the route's API (the pass-through's too)
-        return Response(error_body(request.url.path, 413, too_large_message(request.app.request_max_body_size or 0)),
-                        status_code=413, media_type="application/json")
-    return _error(exc.status_code, detail)
+    if exc.status_code == 413:
+        detail = too_large_message(request.app.request_max_body_size or 0)
+    return _router_error(request, exc.status_code, detail)
 
 
-def _on_crash(_: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+def _on_crash(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.exception("unhandled error", exc_info=exc)
-    return _error(HTTP_500_INTERNAL_SERVER_ERROR, f"internal error: {type(exc).__name__}")
+    return _router_error(request, HTTP_500_INTERNAL_SERVER_ERROR, f"internal error: {type(exc).__name__}")
 
 
 def create_app(

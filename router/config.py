@@ -85,15 +85,20 @@ class Server(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     watch: bool = True
     """Re-read models.yaml when it is saved."""
     auth: Auth = msgspec.field(default_factory=Auth)
+    origins: list[str] = msgspec.field(default_factory=list)
+    """Browser origins allowed beside Ollama's defaults (localhost, 127.0.0.1, 0.0.0.0 on any
+    port, app://, file://, tauri://, vscode-webview://, vscode-file://): what OLLAMA_ORIGINS
+    adds in Ollama, ``*`` wildcards included (router.cors)."""
 
 
 #: `server` keys a reload applies while serving. cold_start_timeout, shutdown_grace and
-#: reserve_gb are read where they are used; serve hands auth, max_body_mb and max_inflight
-#: to the request path and the upstream timeouts to the upstream client (`serve.LiveServer`).
-#: Every other key (host, port, state_dir, watch) is read once when `vllama serve` starts:
-#: changing it needs a restart.
-LIVE_SERVER_KEYS = frozenset({"auth", "max_body_mb", "max_inflight", "cold_start_timeout", "shutdown_grace",
-                              "reserve_gb", "connect_timeout", "first_token_timeout", "between_tokens_timeout"})
+#: reserve_gb are read where they are used; serve hands auth, origins, max_body_mb and
+#: max_inflight to the request path and the upstream timeouts to the upstream client
+#: (`serve.LiveServer`). Every other key (host, port, state_dir, watch) is read once when
+#: `vllama serve` starts: changing it needs a restart.
+LIVE_SERVER_KEYS = frozenset({"auth", "origins", "max_body_mb", "max_inflight", "cold_start_timeout",
+                              "shutdown_grace", "reserve_gb", "connect_timeout", "first_token_timeout",
+                              "between_tokens_timeout"})
 
 
 def server_changes(old: Server, new: Server) -> tuple[list[str], list[str]]:
@@ -470,6 +475,25 @@ def _check_models(reg: Registry, problems: list[str]) -> None:
         _check_env(m.env, f"{where}.env", problems)
 
 
+_ORIGIN_RE = re.compile(r"[A-Za-z*][A-Za-z0-9+.*-]*://[^/?#\s,]+")
+
+
+def origin_problem(origin: str) -> str | None:
+    """Why `origin` can never match a browser's ``Origin`` header, or None.
+
+    A browser sends ``scheme://host[:port]`` and nothing after it, so a path or a trailing
+    ``/`` (``http://localhost:3000/``, copied from the address bar) would silently match
+    nothing; a comma is OLLAMA_ORIGINS's separator pasted whole (list each origin)."""
+    if origin == "*":
+        return None
+    if "," in origin:
+        return f"{origin!r}: one origin per list item (no commas)"
+    if not _ORIGIN_RE.fullmatch(origin):
+        return (f"{origin!r} is not an origin: scheme://host[:port] with nothing after it "
+                "(e.g. https://chat.example.com, http://192.168.1.5:*, chrome-extension://*), or \"*\"")
+    return None
+
+
 def _check_args(values: dict[str, str | None], where: str, problems: list[str]) -> None:
     """Values that become vLLM argv elements: supervisord must carry each (`carry.arg_problem`)."""
     for key, value in values.items():
@@ -514,6 +538,9 @@ def parse(data: Any, *, path: Path | None = None, base_dir: Path | None = None) 
             state_dir = str(resolve_state_dir(reg.server.state_dir, base))
             if why := state_dir_problem(state_dir):
                 problems.append(f"server.state_dir: {state_dir!r} {why}")
+        for j, origin in enumerate(reg.server.origins):
+            if why := origin_problem(origin):
+                problems.append(f"server.origins[{j}]: {why}")
         _check_args({"python": reg.engine.python, **{f"args[{j}]": a for j, a in enumerate(reg.engine.args)}},
                     "engine", problems)
         _check_env(reg.engine.env, "engine.env", problems)

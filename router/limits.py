@@ -45,11 +45,17 @@ PROBES = frozenset({"/", "/api/version", "/metrics"})
 _encode = msgspec.json.Encoder().encode
 
 _OPENAI_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError",
-                 404: "NotFoundError", 408: "RequestTimeoutError", 413: "RequestTooLargeError",
-                 431: "BadRequestError", 503: "ServiceUnavailableError"}
+                 404: "NotFoundError", 405: "MethodNotAllowedError", 408: "RequestTimeoutError",
+                 413: "RequestTooLargeError", 431: "BadRequestError", 500: "InternalServerError",
+                 503: "ServiceUnavailableError"}
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                    404: "not_found_error", 408: "timeout_error", 413: "request_too_large",
-                    431: "invalid_request_error", 503: "overloaded_error"}
+                    404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
+                    413: "request_too_large", 431: "invalid_request_error", 503: "overloaded_error"}
+
+
+def is_v1(path: str) -> bool:
+    """A path of the OpenAI/Anthropic API (/v1 and below): its errors are in their shapes."""
+    return path == "/v1" or path.startswith("/v1/")
 
 
 def error_body(path: str, status: int, message: str) -> bytes:
@@ -57,7 +63,7 @@ def error_body(path: str, status: int, message: str) -> bytes:
     if path.startswith("/v1/messages"):
         return _encode({"type": "error", "error": {"type": _ANTHROPIC_TYPES.get(status, "api_error"),
                                                    "message": message}})
-    if path.startswith("/v1/"):
+    if is_v1(path):
         return _encode({"error": {"message": message, "type": _OPENAI_TYPES.get(status, "APIError"),
                                   "param": None, "code": status}})
     return _encode({"error": message})

@@ -26,6 +26,7 @@ from litestar.params import FromPath
 from litestar.response import Stream
 
 from . import translate
+from .config import Model
 from .lifecycle import Fleet, Lease, ModelNotFound, ModelUnavailable
 from .upstream import Upstream, UpstreamError
 
@@ -68,21 +69,22 @@ class Passthrough:
         self.upstream = upstream
         self.created = int(time.time())
 
+    def entry(self, m: Model) -> dict[str, Any]:
+        """One model as OpenAI describes it, plus vLLM's ``max_model_len`` when models.yaml sets it:
+        the same in the list and on its own, so a client may read either."""
+        entry: dict[str, Any] = {"id": m.name, "object": "model", "created": self.created, "owned_by": "vllama"}
+        if m.max_model_len:
+            entry["max_model_len"] = m.max_model_len
+        return entry
+
     def models(self) -> dict[str, Any]:
         """/v1/models: every model of the registry, as OpenAI lists them."""
-        data = []
-        for m in self.fleet.config.models:
-            entry: dict[str, Any] = {"id": m.name, "object": "model", "created": self.created, "owned_by": "vllama"}
-            if m.max_model_len:
-                entry["max_model_len"] = m.max_model_len
-            data.append(entry)
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": [self.entry(m) for m in self.fleet.config.models]}
 
     def model(self, name: str) -> dict[str, Any] | None:
+        """/v1/models/{name}: the model `name` means (a name or an alias), or None."""
         m = self.fleet.config.lookup(name)
-        if m is None:
-            return None
-        return {"id": m.name, "object": "model", "created": self.created, "owned_by": "vllama"}
+        return None if m is None else self.entry(m)
 
     def refusal(self, name: str, path: str) -> tuple[int, str] | None:
         """(status, message) when the registry alone says `path` cannot serve `name`: an

@@ -30,6 +30,7 @@ from .app import create_app
 from .auth import AuthError, Guard, KeyStore, warn_if_exposed
 from .catalog import Catalog
 from .config import Config, ConfigError, Server, resolve_state_dir, server_changes
+from .cors import Cors
 from .lifecycle import Fleet, ReloadRejected
 from .limits import ASGIApp, BodyLimit, Gate
 from .metrics import Metrics, metrics_route
@@ -106,15 +107,17 @@ def upstream_timeouts(server: Server) -> Timeouts:
 class LiveServer:
     """The `server` settings of models.yaml that a reload applies while serving, and those it cannot.
 
-    The request path reads the key store, the body limit, the in-flight cap and the upstream
-    timeouts from these objects on every request, so a reload that changes them holds from the
-    next request (turning auth on included). The keys read once at startup (see
-    config.LIVE_SERVER_KEYS) are never silently dropped: `restart_needed` names those that
-    differ from `started`.
+    The request path reads the allowed origins, the key store, the body limit, the in-flight
+    cap and the upstream timeouts from these objects on every request, so a reload that
+    changes them holds from the next request (turning auth on included). The keys read once
+    at startup (see config.LIVE_SERVER_KEYS) are never silently dropped: `restart_needed`
+    names those that differ from `started`.
     """
 
     started: Server
     """The `server` section serving began with."""
+    cors: Cors
+    """The browser origins allowed (server.origins beside Ollama's defaults)."""
     guard: Guard
     body: BodyLimit
     gate: Gate
@@ -128,13 +131,17 @@ class LiveServer:
     @classmethod
     def create(cls, config: Config, fleet: Fleet, keys: KeyStore | None, host: str) -> LiveServer:
         s = config.server
-        return cls(started=s, guard=Guard(keys, lambda: fleet.config, body_bytes(s)), body=BodyLimit(body_bytes(s)),
-                   gate=Gate(s.max_inflight), upstream=fleet.upstream, host=host)
+        return cls(started=s, cors=Cors(s.origins), guard=Guard(keys, lambda: fleet.config, body_bytes(s)),
+                   body=BodyLimit(body_bytes(s)), gate=Gate(s.max_inflight), upstream=fleet.upstream, host=host)
 
     def wrap(self, app: ASGIApp) -> ASGIApp:
-        """`app` behind the keys, the body limit and the in-flight cap, in that order:
-        a request without a valid key is refused before its body is read or it takes a slot."""
-        return self.guard.middleware(self.body.middleware(self.gate.middleware(app)))
+        """`app` behind CORS, the keys, the body limit and the in-flight cap, in that order.
+
+        CORS comes first because a browser's preflight carries no key: it is answered there
+        (the request that follows still needs its key), and a page of an origin not allowed
+        is refused before anything else. A request without a valid key is refused before its
+        body is read or it takes a slot."""
+        return self.cors.middleware(self.guard.middleware(self.body.middleware(self.gate.middleware(app))))
 
     def restart_needed(self, current: Server) -> list[str]:
         """The keys of `current` that differ from what serving began with and only a restart applies."""
@@ -150,6 +157,8 @@ class LiveServer:
     def apply(self, server: Server, keys: KeyStore | None) -> None:
         """Serve the next request with `server`'s live keys; a switch of auth is a WARNING either way."""
         was = self.guard.store
+        if server.origins != self.cors.origins:
+            self.cors.origins = server.origins
         self.guard.store = keys
         self.guard.max_body_bytes = self.body.limit = body_bytes(server)
         self.gate.limit = server.max_inflight
@@ -216,8 +225,9 @@ class ServingFleet(Fleet):
 def api_app(config: Config, fleet: ServingFleet, service: OllamaService, keys: KeyStore | None, host: str,
             extra_routes: list[Any]) -> ASGIApp:
     """The API as `vllama serve` serves it: Litestar behind `fleet.live` (set here), which holds
-    the keys, the body limit and the in-flight cap, so that a reload changes them; Litestar
-    gets no body limit of its own (it would keep the first value each route saw)."""
+    the allowed origins, the keys, the body limit and the in-flight cap, so that a reload
+    changes them; Litestar gets no body limit of its own (it would keep the first value each
+    route saw)."""
     live = fleet.live = LiveServer.create(config, fleet, keys, host)
     routes = [admin_router(fleet, fleet.memory, restart_needed=lambda: live.restart_needed(fleet.config.server)),
               *library_routes(fleet), *extra_routes]
