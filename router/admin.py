@@ -53,6 +53,11 @@ class ModelStatus(msgspec.Struct):
     memory_budget: int | None = None
     overrun: bool = False
     expires_at: float | None = None
+    change: str | None = None
+    """A saved change of the model that does not serve yet: "starting" (its new server starts
+    beside the serving one) or "failed" (it did not start; the previous configuration serves)."""
+    change_error: str | None = None
+    """Why that change did not start (the error at the end of its vLLM log when there is one)."""
     log_tail: list[str] = []
 
 
@@ -86,10 +91,11 @@ def _no_usage(_: Runtime) -> tuple[int | None, int | None, list[str]]:
 async def model_status(fleet: Fleet, rt: Runtime, usage: Usage = _no_usage, *, tail: bool = False) -> ModelStatus:
     running, waiting = await _engine_queue(fleet, rt)
     used, budget, devices = usage(rt)
+    note = rt.change_note
     return ModelStatus(
         name=rt.name,
         state=rt.state.value,
-        reason=rt.reason,
+        reason=f"{rt.reason}; {note}" if note else rt.reason,
         since=rt.since,
         load=rt.model.load,
         aliases=list(rt.model.aliases),
@@ -107,8 +113,17 @@ async def model_status(fleet: Fleet, rt: Runtime, usage: Usage = _no_usage, *, t
         memory_budget=budget,
         overrun=bool(used and budget and used > budget),
         expires_at=None if rt.expires_at is None or math.isinf(rt.expires_at) else rt.expires_at,
+        change=_change(rt),
+        change_error=rt.pending_error,
         log_tail=fleet.log_tail(rt) if tail else [],
     )
+
+
+def _change(rt: Runtime) -> str | None:
+    """`ModelStatus.change` of `rt`."""
+    if rt.pending is None:
+        return None
+    return "starting" if rt.pending_error is None else "failed"
 
 
 async def _pull_unless_gone(request: Request[Any, Any, Any], events: AsyncIterator[Any]) -> None:
@@ -290,8 +305,10 @@ def admin_router(fleet: Fleet, usage: Usage = _no_usage, *,
 
     @get("/config")
     async def config_status() -> dict[str, Any]:
+        """The file, the last rejected reload's error, the server keys waiting for a restart, and
+        the models whose saved change did not start (their previous configuration serves on)."""
         return {"path": str(fleet.config.path), "reload_error": fleet.reload_error,
-                "restart_needed": restart_needed()}
+                "restart_needed": restart_needed(), "failed_changes": fleet.failed_changes()}
 
     return Router(path="/vllama", route_handlers=[list_models, show_model, start_model, stop_model,
                                                     restart_model, logs, reload, config_status])

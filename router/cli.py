@@ -314,6 +314,10 @@ def ps(host: str | None, as_json: bool) -> None:
     if restart:
         _stderr().print(f"[bold yellow]restart needed[/] for models.yaml's {escape(', '.join(restart))} "
                         "(serving with the values `vllama serve` started with)")
+    for name, error in (state.get("failed_changes") or {}).items():
+        _stderr().print(f"[bold red]saved change did not start[/] for {escape(name)} (still serving its previous "
+                        f"configuration; `vllama reload` or `vllama restart {escape(name)}` tries it again): "
+                        f"{escape(error)}")
     rows, styles = [], []
     for m in models:
         mem = f"{_size(m.get('memory_used'))} / {_size(m.get('memory_budget'))}"

@@ -19,7 +19,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -114,6 +114,13 @@ class Runtime:
     lost its server to it (see `Lease.explain`)."""
     stop_note: str = ""
     """What the latest of those stops tells a request it cut short (see `stop_note`)."""
+    pending: Model | None = None
+    """The registry's newer definition of this model while this server, launched from the one
+    before, still serves: a rolling replacement starts it beside this one (`Fleet._replace`)."""
+    pending_error: str | None = None
+    """Why that replacement did not start. This server then serves on with the previous
+    configuration, and the fleet counts the change as not applied: a reload of the same file,
+    or `vllama restart`, tries it again (`Fleet._serving`)."""
     changed: asyncio.Condition = field(default_factory=asyncio.Condition, repr=False)
 
     @property
@@ -130,6 +137,16 @@ class Runtime:
     @property
     def always(self) -> bool:
         return self.model.load == "always"
+
+    @property
+    def change_note(self) -> str | None:
+        """What `vllama ps` says of a saved change that does not serve yet (see `pending`)."""
+        if self.pending is None:
+            return None
+        if self.pending_error is None:
+            return "its saved configuration is starting beside this server, which serves until it is ready"
+        return (f"its saved configuration did not start ({self.pending_error}); still serving the previous "
+                f"one until `vllama reload` or `vllama restart {self.name}` tries it again")
 
 
 @dataclass
@@ -182,6 +199,10 @@ class Lease:
 
 
 _EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b:?")
+_USAGE_ERROR = re.compile(r"^[\w.-]+(?: [\w.-]+)*: error: \S")
+"""argparse's last word on a bad command line (``api_server.py: error: unrecognized arguments:
+--bogus-flag``, or ``vllm serve: error: …``): written to stderr after the usage text, with
+neither a traceback nor ``Error`` in it, and vLLM exits 2 before it logs anything else."""
 _ACCESS_LINE = re.compile(r'"[A-Z]+ \S+ HTTP/[\d.]+" \d{3}')
 """uvicorn's access log (``"POST /v1/chat/completions HTTP/1.1" 500 Internal Server Error``):
 a request's outcome, never why the server died."""
@@ -191,11 +212,14 @@ def telling_error(lines: list[str], limit: int = 400) -> str:
     """The line of a vLLM log that says why it died: the last exception raised.
 
     A Python traceback ends with ``SomeError: message`` at column 0, sometimes
-    followed by indented detail (pydantic's ``Value error, …``). Without one,
-    the last line naming an error, else nothing: the last line of a log is most
-    often an access-log or progress line, which reads as a cause and is not one.
+    followed by indented detail (pydantic's ``Value error, …``); a command line vLLM's
+    argparse refuses ends with ``prog: error: message``. Without either, the last line
+    naming an error, else nothing: the last line of a log is most often an access-log or
+    progress line, which reads as a cause and is not one.
     """
     for i in range(len(lines) - 1, -1, -1):
+        if _USAGE_ERROR.match(lines[i]):
+            return lines[i].strip()[:limit]
         if _EXCEPTION_LINE.match(lines[i]):
             parts = [lines[i].strip()]
             for extra in lines[i + 1:i + 3]:
@@ -239,6 +263,11 @@ def stop_note(name: str, why: str) -> str:
     return f'model "{name}" was stopped ({why}) while answering'
 
 
+def shutting_down(rt: Runtime) -> str:
+    """The 503 of a request for a model that is not ready when vllama begins to stop."""
+    return f'vllama is shutting down; model "{rt.name}" is {rt.state.value}, not ready, and will not be started'
+
+
 def free_port(start: int, taken: set[int]) -> int:
     """The first port from `start` that is neither taken by the registry nor bound."""
     for port in range(start, 65536):
@@ -264,28 +293,37 @@ class ReloadRejected(Exception):
 LIVE_KEYS = frozenset({"aliases", "load", "keep_alive", "max_queue", "auto_pull"})
 
 
-def diff(old: Config, new: Config) -> dict[str, list[str]]:
-    """Which models a reload adds, removes, must restart (`changed`) or only updates."""
+def diff(old: Config, new: Config, serving: Mapping[str, tuple[Config, Model]] | None = None) -> dict[str, list[str]]:
+    """Which models a reload adds, removes, must restart (`changed`) or only updates.
+
+    `serving`: for a model whose server still runs another definition than `old`'s (a change
+    of it that did not start), that definition and the registry it was launched from. The
+    model is compared with what serves, not with what the file said: the same file again is
+    a change to try again, and a file put back to what serves is no change.
+    """
+    serving = serving or {}
     before = {m.name: m for m in old.models}
     after = {m.name: m for m in new.models}
-    engine_changed = old.engine != new.engine
     out: dict[str, list[str]] = {"added": [], "removed": [], "changed": [], "updated": [], "unchanged": []}
     for name, m in after.items():
         if name not in before:
             out["added"].append(name)
             continue
-        a, b = msgspec.structs.asdict(before[name]), msgspec.structs.asdict(m)
-        launch_a = {k: v for k, v in a.items() if k not in LIVE_KEYS}
-        launch_b = {k: v for k, v in b.items() if k not in LIVE_KEYS}
-        if launch_a != launch_b or (engine_changed and not m.url) or (
-                old.source_path(before[name]) != new.source_path(m)):
-            out["changed"].append(name)
-        elif a != b:
-            out["updated"].append(name)
-        else:
-            out["unchanged"].append(name)
+        was_config, was = serving.get(name, (old, before[name]))
+        out[_compare(was_config, was, new, m)].append(name)
     out["removed"] = [name for name in before if name not in after]
     return out
+
+
+def _compare(old: Config, before: Model, new: Config, after: Model) -> str:
+    """"changed" (its server must restart), "updated" (only `LIVE_KEYS` differ) or "unchanged"."""
+    a, b = msgspec.structs.asdict(before), msgspec.structs.asdict(after)
+    launch_a = {k: v for k, v in a.items() if k not in LIVE_KEYS}
+    launch_b = {k: v for k, v in b.items() if k not in LIVE_KEYS}
+    if launch_a != launch_b or (old.engine != new.engine and not after.url) or (
+            old.source_path(before) != new.source_path(after)):
+        return "changed"
+    return "updated" if a != b else "unchanged"
 
 
 class Fleet:
@@ -324,6 +362,8 @@ class Fleet:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._monitor: asyncio.Task[None] | None = None
         self._closing = False
+        self._shutdown = asyncio.Event()
+        """Set when vllama begins to stop (`begin_shutdown`): requests stop waiting for starts."""
         self.missing_check_interval = 5.0
         """Seconds between looks for the files of missing `always` models (see `_start_downloaded`)."""
         self._missing_checked = 0.0
@@ -419,13 +459,54 @@ class Fleet:
             if rt.always and not rt.remote and rt.state != State.FAILED:
                 await self.start_model(rt)
 
+    def begin_shutdown(self) -> None:
+        """vllama is stopping: a request waiting for a model to start gets a 503 at once.
+
+        Such a request would otherwise hold the HTTP server's drain (server.shutdown_grace)
+        until the model is ready and has answered it, only to have the model stopped right
+        after. Requests in flight on a ready model are left to finish. Plain (not async) so
+        that a signal handler can schedule it (`loop.call_soon_threadsafe`) before the drain;
+        `close` calls it too.
+        """
+        self._shutdown.set()
+
     async def close(self) -> None:
+        """Stop watching and starting models, and SIGKILL the servers that never became ready.
+
+        Called once the HTTP server has drained; supervisord then stops the rest (SIGTERM).
+        """
+        self.begin_shutdown()
+        unserved = self._unserved()  # before the cancel: a cancelled replacement leaves `retiring`
         self._closing = True
         for t in [*self._tasks, *( [self._monitor] if self._monitor else [])]:
             t.cancel()
         for t in [*self._tasks, *([self._monitor] if self._monitor else [])]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        for rt in unserved:
+            await self._kill(rt)
+
+    def _unserved(self) -> list[Runtime]:
+        """Our servers that answer no request: starting, restarting, or being stopped."""
+        return [rt for rt in self._all() if not rt.remote
+                and rt.state in (State.STARTING, State.RESTARTING, State.STOPPING)]
+
+    async def _kill(self, rt: Runtime) -> None:
+        """SIGKILL `rt`'s process group at once (shutdown only: its start is no longer awaited).
+
+        A vLLM that is still initialising ignores SIGTERM: supervisord's stop would wait
+        engine.stopwaitsecs (20 s by default) before its SIGKILL, holding `vllama serve`'s exit
+        that long for a server that has answered nothing. A ready server gets supervisord's
+        SIGTERM instead: it exits at once, releasing its devices cleanly.
+        """
+        if self.sup is None:
+            return
+        pid = await self.sup.kill(rt.program)
+        if pid is not None:
+            log.info("%s: killed its process group %d at once (it was %s and served nothing; a vLLM "
+                     "still initialising ignores SIGTERM)", rt.name, pid, rt.state.value)
+            rt.pid = None
+            await self._set(rt, State.STOPPED, "killed at shutdown while it was not ready")
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -991,9 +1072,30 @@ class Fleet:
                 await self._stop(rt, reason)
 
     async def restart_model(self, rt: Runtime) -> None:
+        """Stop and start `rt`; a model whose saved change did not start gets that change instead.
+
+        A restart is what an operator does to make a model run what the file says: restarting
+        the previous configuration would leave the file and the server disagreeing, and the
+        next `vllama serve` would fail the model. So the change is tried again as a reload
+        does, rolling: the old server serves until the new one is ready, and stays if it
+        fails again. While the change is being tried, a restart adds nothing.
+        """
+        if rt.pending is not None and self.runtimes.get(rt.name) is rt:
+            await self._retry_change(rt)
+            return
         await self.stop_model(rt, "restart requested")
         rt.wanted = True
         await self.start_model(rt)
+
+    async def _retry_change(self, rt: Runtime) -> None:
+        """Start `rt`'s pending definition beside it again, as the reload that saved it did."""
+        async with self._reload_lock:
+            if rt.pending is None or rt.pending_error is None:
+                return  # being tried now
+            rt.pending_error = None
+            generation = self._generation[rt.name] = self._generation.get(rt.name, 0) + 1
+            log.info("%s: restart requested: trying its saved configuration again beside the serving one", rt.name)
+            self._spawn(self._replace(rt, rt.pending, generation))
 
     # --- reload ----------------------------------------------------------------------
 
@@ -1008,7 +1110,7 @@ class Fleet:
         else drained and swapped.
         """
         async with self._reload_lock:
-            d = diff(self.config, new)
+            d = diff(self.config, new, self._serving())
             keep = {rt.program: self.placements[rt.program] for name, rt in self.runtimes.items()
                     if name not in d["changed"] and name not in d["removed"] and rt.program in self.placements}
             place = [new.lookup(n) for n in d["added"] + d["changed"]]
@@ -1020,6 +1122,7 @@ class Fleet:
             self.config = new
             for name in d["changed"] + d["removed"]:
                 self._generation[name] = self._generation.get(name, 0) + 1
+            self._track_pending(new, d)
             for name in d["updated"]:
                 rt = self.runtimes[name]
                 rt.model = new.lookup(name)  # type: ignore[assignment]
@@ -1040,6 +1143,24 @@ class Fleet:
             self.reload_error = None
             log.info("reload applied: %s", {k: v for k, v in d.items() if v and k != "unchanged"})
             return d
+
+    def _serving(self) -> dict[str, tuple[Config, Model]]:
+        """What each model whose saved change did not start still serves (see `diff`)."""
+        return {name: (rt.launch, rt.model) for name, rt in self.runtimes.items() if rt.pending_error is not None}
+
+    def _track_pending(self, new: Config, d: dict[str, list[str]]) -> None:
+        """Note on each changed model's server the definition that is to replace it; forget a
+        failed change that the file no longer asks for (it now says what serves)."""
+        for name in d["changed"]:
+            if (rt := self.runtimes.get(name)) is not None:
+                rt.pending, rt.pending_error = new.lookup(name), None
+        for name in d["unchanged"] + d["updated"]:
+            if (rt := self.runtimes.get(name)) is not None and rt.pending_error is not None:
+                rt.pending = rt.pending_error = None
+
+    def failed_changes(self) -> dict[str, str]:
+        """Model → why its saved configuration did not start while its previous one serves on."""
+        return {name: rt.pending_error for name, rt in self.runtimes.items() if rt.pending_error is not None}
 
     async def reload_file(self) -> dict[str, Any]:
         """Re-read models.yaml; an invalid or unfitting file changes nothing and is reported."""
@@ -1124,7 +1245,9 @@ class Fleet:
                 await self._retire(old, "replaced by its new configuration")
                 return
             if current():
-                log.warning("%s: new configuration did not start (%s); keeping the old server", model.name, new.reason)
+                log.warning("%s: new configuration did not start (%s); keeping the old server, and the change "
+                            "pending (a reload or `vllama restart` tries it again)", model.name, new.reason)
+                old.pending_error = new.reason
             await self.stop_model(new, "replacement failed" if current() else "superseded by a later reload")
             self.placements.pop(new.program, None)
             if self.sup is not None:
@@ -1164,6 +1287,8 @@ class Fleet:
         if rt.held:
             raise ModelUnavailable(f'model "{rt.name}" was stopped by an admin; `vllama start {rt.name}` serves it again')
         if rt.state != State.READY:
+            if self._shutdown.is_set():
+                raise ModelUnavailable(shutting_down(rt))
             # A failed `always` model, or one that crash-looped, stays failed until an admin
             # starts it; an on-demand model whose start was refused is tried again.
             if rt.state == State.FAILED and (rt.always or not rt.wanted):
@@ -1175,7 +1300,7 @@ class Fleet:
             rt.waiting += 1
             try:
                 await self.start_model(rt)
-                await self._wait_state(rt, self.config.server.cold_start_timeout)
+                await self._wait_for_start(rt)
             finally:
                 rt.waiting -= 1
             if rt.state == State.FAILED:
@@ -1188,6 +1313,21 @@ class Fleet:
         rt.last_used = time.monotonic()
         rt.keep_alive = self._keep_alive_for(rt, keep_alive)
         return Lease(self, rt, keep_alive)
+
+    async def _wait_for_start(self, rt: Runtime) -> None:
+        """A request's wait for `rt` to start (`_wait_state`), cut short by `begin_shutdown`."""
+        started = asyncio.ensure_future(self._wait_state(rt, self.config.server.cold_start_timeout))
+        shutdown = asyncio.ensure_future(self._shutdown.wait())
+        try:
+            await asyncio.wait([started, shutdown], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (started, shutdown):
+                t.cancel()
+            await asyncio.gather(started, shutdown, return_exceptions=True)
+        if not started.cancelled():
+            started.result()  # ModelUnavailable after cold_start_timeout
+        elif rt.state != State.READY:
+            raise ModelUnavailable(shutting_down(rt))
 
     @staticmethod
     def _keep_alive_for(rt: Runtime, requested: float | None) -> float:

@@ -384,6 +384,31 @@ class Supervisor:
             if "NOT_RUNNING" not in e.faultString and "BAD_NAME" not in e.faultString:
                 raise
 
+    async def kill(self, name: str) -> int | None:
+        """SIGKILL `name`'s whole process group now, with no SIGTERM and no engine.stopwaitsecs.
+
+        For a vLLM that is still initialising, which ignores SIGTERM: a stop would wait
+        stopwaitsecs for nothing. supervisord makes each program a process-group leader, so the
+        group is the leader's pid, and killing the group takes its EngineCore and workers with it
+        (none is left orphaned). supervisord sees the exit as a crash; it restarts nothing
+        (autorestart=false). Returns the pid killed; None if it was not running or supervisord
+        could not be asked (the caller is shutting down: `kill_stale` finds what is left).
+        """
+        try:
+            info = await self.call("supervisor.getProcessInfo", name)
+        except (OSError, xmlrpc.client.Error, http.client.HTTPException) as e:
+            if not (isinstance(e, xmlrpc.client.Fault) and "BAD_NAME" in e.faultString):
+                log.warning("could not ask supervisord for %s's process to kill it: %s", name, e)
+            return None
+        pid = info.get("pid") or 0
+        if info.get("statename") not in ("STARTING", "RUNNING", "STOPPING") or pid <= 0:
+            return None
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return None
+        return int(pid)
+
     async def exit_cause(self, name: str, info: Mapping[str, Any] | None) -> str | None:
         """How `name`'s last process ended: "exit status 1", "killed by SIGKILL", or the
         reason it could not be spawned; None if `info` shows no exit.

@@ -289,6 +289,24 @@ def test_ps_says_which_server_settings_wait_for_a_restart(server: Callable[[Hand
     assert "restart needed" in r.stderr and "server.port" in r.stderr
 
 
+def test_ps_says_which_saved_changes_did_not_start(server: Callable[[Handler], None]) -> None:
+    """A rolling replacement that failed left ps showing `ready` and nothing else: the file and
+    the running server disagreed, and the next `vllama serve` failed the model."""
+    error = "exited 4 times before it was ready; gave up: api_server.py: error: unrecognized arguments: --bogus-flag"
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if req.url.path == "/vllama/config":
+            return httpx.Response(200, json={"path": "x", "reload_error": None, "restart_needed": [],
+                                             "failed_changes": {"m:latest": error}})
+        return httpx.Response(200, json=[{**status("ready", "answers /health"), "devices": []}])
+
+    server(handler)
+    r = invoke("ps")
+    assert r.exit_code == 0, r.exception
+    assert "saved change did not start" in r.stderr and "m:latest" in r.stderr
+    assert "--bogus-flag" in " ".join(r.stderr.split()) and "vllama restart m:latest" in r.stderr
+
+
 def test_list_shows_local_time(server: Callable[[Handler], None], monkeypatch: pytest.MonkeyPatch) -> None:
     """The server's times are UTC; the MODIFIED column showed them as if they were local."""
     monkeypatch.setenv("TZ", "Asia/Tokyo")

@@ -22,9 +22,10 @@ from typing import Any
 import httpx
 import pytest
 
+from router.admin import model_status
 from router.config import parse
 from router.gpu import HostMemory
-from router.lifecycle import Fleet, State
+from router.lifecycle import Fleet, ModelUnavailable, Runtime, State
 from router.supervisor import Paths, Program, Supervisor
 from router.upstream import Upstream, UpstreamError
 
@@ -84,6 +85,14 @@ class Supervisord:
         await self.stop_gate.wait()
         self.running.pop(name, None)
 
+    async def kill(self, name: str) -> int | None:
+        """SIGKILL of the program's process group (`Supervisor.kill`): gone at once."""
+        self.calls.append(("kill", name))
+        pid = self.running.pop(name, None)
+        if pid is not None:
+            self.exited[name] = -1
+        return pid
+
     async def processes(self) -> dict[str, dict[str, Any]]:
         out = {n: {"statename": "EXITED", "pid": 0, "description": "Dec 03 02:00 PM", "exitstatus": status,
                    "spawnerr": f"Bad exit code {status}"} for n, status in self.exited.items()}
@@ -103,6 +112,11 @@ class Answer:
 
     def json(self) -> Any:
         return self._body
+
+    @property
+    def text(self) -> str:
+        """vLLM's /metrics as `vllama ps` reads it: no engine queue to show here."""
+        return ""
 
 
 class Health:
@@ -858,3 +872,140 @@ async def test_a_reload_that_removes_a_model_tells_the_streams_that_outlive_the_
         await upstream.aclose()
         await fleet.close()
         server.close()
+
+
+# --- a saved change that does not start --------------------------------------------------
+
+BOGUS = "api_server.py: error: unrecognized arguments: --bogus-flag"
+
+
+def tiny(model_dir: Path, *args: str) -> Any:
+    return registry(model_dir, {"name": "a", "vllm_args": list(args)}, engine={"startretries": 0})
+
+
+async def change_that_fails(tmp_path: Path, model_dir: Path) -> tuple[Fleet, Supervisord, Health, Runtime]:
+    """a serves `--max-num-seqs 8`; the file is saved with `--bogus-flag`, whose server exits
+    as it starts (argparse), so the rolling replacement gives up and the old server serves on."""
+    fleet, sup, health = await fleet_of(tiny(model_dir, "--max-num-seqs", "8"), tmp_path)
+    a = fleet.runtimes["a:latest"]
+    make_ready(fleet, health, "a:latest")
+    await until(lambda: a.state == State.READY)
+    await fleet.reload(tiny(model_dir, "--bogus-flag"))
+    await crash_replacement(sup)
+    return fleet, sup, health, a
+
+
+async def crash_replacement(sup: Supervisord) -> None:
+    """The replacement's vLLM refuses its command line as it starts; returns once the fleet has
+    given it up (its program dropped)."""
+    await until(lambda: any("--bogus-flag" in sup.programs[n].argv for n in sup.running if n in sup.programs))
+    name = next(n for n in sup.running if "--bogus-flag" in sup.programs[n].argv)
+    write_log(sup, name, "usage: api_server.py [-h] [--headless]", "                     [model_tag]", BOGUS)
+    sup.crash(name)
+    await until(lambda: name not in sup.programs)
+
+
+async def test_a_change_that_did_not_start_is_shown_while_the_old_server_serves(tmp_path: Path,
+                                                                              model_dir: Path) -> None:
+    """QA: after a failed rolling replacement, ps said `ready`, /vllama/config nothing, and only
+    the log told that the file and the running server disagreed."""
+    fleet, sup, _health, a = await change_that_fails(tmp_path, model_dir)
+    try:
+        assert fleet.runtimes["a:latest"] is a and a.state == State.READY
+        assert "--max-num-seqs" in sup.programs[a.program].argv
+        assert BOGUS in a.pending_error  # type: ignore[operator]
+        assert fleet.failed_changes() == {"a:latest": a.pending_error}
+        status = await model_status(fleet, a)
+        assert status.state == "ready" and status.change == "failed" and status.change_error == a.pending_error
+        assert "saved configuration did not start" in status.reason and BOGUS in status.reason
+        assert "vllama restart a:latest" in status.reason
+    finally:
+        await fleet.close()
+
+
+async def test_a_reload_of_the_same_file_tries_a_change_that_did_not_start_again(tmp_path: Path,
+                                                                               model_dir: Path) -> None:
+    """QA: a second `vllama reload` said "nothing changed": the fleet had recorded the failed
+    change as applied, and the next `vllama serve` failed the model."""
+    fleet, sup, health, a = await change_that_fails(tmp_path, model_dir)
+    try:
+        d = await fleet.reload(tiny(model_dir, "--bogus-flag"))
+        assert d["changed"] == ["a:latest"]
+        assert a.pending_error is None and (await model_status(fleet, a)).change == "starting"
+        await until(lambda: len(fleet.retiring) == 1)
+        new = fleet.retiring[0]
+        await until(lambda: new.program in sup.running)
+        make_ready(fleet, health, "a:latest")  # this time it starts (the flag came with an upgrade, say)
+        await until(lambda: fleet.runtimes["a:latest"] is new)
+        assert "--bogus-flag" in sup.programs[new.program].argv and fleet.failed_changes() == {}
+    finally:
+        await fleet.close()
+
+
+async def test_a_file_put_back_to_what_serves_ends_the_failed_change(tmp_path: Path, model_dir: Path) -> None:
+    fleet, sup, _health, a = await change_that_fails(tmp_path, model_dir)
+    try:
+        started = len(sup.started())
+        d = await fleet.reload(tiny(model_dir, "--max-num-seqs", "8"))
+        assert d["changed"] == [] and d["unchanged"] == ["a:latest"]
+        assert a.pending is None and fleet.failed_changes() == {}
+        assert (await model_status(fleet, a)).change is None
+        await asyncio.sleep(0.3)
+        assert len(sup.started()) == started and fleet.retiring == []  # nothing to start: it serves that
+    finally:
+        await fleet.close()
+
+
+async def test_restart_of_a_model_whose_change_did_not_start_tries_the_change(tmp_path: Path,
+                                                                            model_dir: Path) -> None:
+    """QA: `vllama restart` restarted the old arguments, while models.yaml said otherwise. It now
+    tries the saved configuration, rolling: the old server serves on if it fails again."""
+    fleet, sup, _health, a = await change_that_fails(tmp_path, model_dir)
+    try:
+        await fleet.restart_model(a)
+        assert ("stop", a.program) not in sup.calls  # the old server serves on meanwhile
+        assert a.change_note is not None and "starting beside" in a.change_note
+        await crash_replacement(sup)  # fails again ...
+        assert a.pending_error is not None
+        assert ("stop", a.program) not in sup.calls and a.state == State.READY  # ... and a served throughout
+        bogus = {n for applied in sup.applied for n, p in applied.items() if "--bogus-flag" in p.argv}
+        assert len([n for n in sup.started() if n in bogus]) == 2  # the reload's try and the restart's
+    finally:
+        await fleet.close()
+
+
+# --- shutdown ----------------------------------------------------------------------------
+
+
+async def test_close_kills_the_servers_that_never_became_ready(tmp_path: Path, model_dir: Path) -> None:
+    """QA: Ctrl-C during a cold start took 20 s and more: vLLM ignores SIGTERM while it
+    initialises, so supervisord waited engine.stopwaitsecs before its SIGKILL."""
+    fleet, sup, health = await fleet_of(registry(model_dir, {"name": "b"}, {"name": "a"}), tmp_path)
+    a, b = fleet.runtimes["a:latest"], fleet.runtimes["b:latest"]
+    make_ready(fleet, health, "b:latest")
+    await until(lambda: b.state == State.READY and a.program in sup.running)  # a initialises
+    await fleet.close()
+    assert ("kill", a.program) in sup.calls and a.program not in sup.running
+    assert ("kill", b.program) not in sup.calls  # a ready server gets supervisord's SIGTERM
+
+
+async def test_a_request_waiting_for_a_start_gets_503_at_once_on_shutdown(tmp_path: Path, model_dir: Path) -> None:
+    """QA: a request waiting for a cold start held `vllama serve`'s exit until the model was
+    ready and had answered it (34 s); requests on a ready model still finish."""
+    cfg = registry(model_dir, {"name": "a", "load": "on_demand"}, {"name": "b"})
+    fleet, _sup, health = await fleet_of(cfg, tmp_path)
+    b = fleet.runtimes["b:latest"]
+    make_ready(fleet, health, "b:latest")
+    await until(lambda: b.state == State.READY)
+    serving = await fleet.acquire("b")
+    request = asyncio.create_task(fleet.acquire("a"))
+    await until(lambda: fleet.runtimes["a:latest"].waiting == 1)
+    closing = asyncio.create_task(fleet.close())
+    with pytest.raises(ModelUnavailable, match="vllama is shutting down"):
+        async with asyncio.timeout(3):
+            await request
+    with pytest.raises(ModelUnavailable, match="vllama is shutting down"):
+        await fleet.acquire("a")  # not started for a request that comes now
+    await closing
+    assert b.state == State.READY and b.inflight == 1  # the request in flight was left alone
+    serving.release()

@@ -40,3 +40,14 @@ def test_a_moved_local_directory_is_a_change(tmp_path: Path) -> None:
     old = parse({"models": [m]}, path=tmp_path / "one" / "models.yaml")
     new = parse({"models": [m]}, path=tmp_path / "two" / "models.yaml")
     assert diff(old, new)["changed"] == ["m:latest"]
+
+
+def test_a_model_whose_change_did_not_start_is_compared_with_what_serves() -> None:
+    """The file says B with max_model_len 4096, whose server did not start; B at 1024 serves on."""
+    served = reg(A, B)
+    failed = reg(A, {**B, "max_model_len": 4096})
+    serving = {"b:latest": (served, served.lookup("b:latest"))}
+    assert diff(failed, failed)["unchanged"] == ["a:latest", "b:latest"]  # what the fleet said before
+    assert diff(failed, failed, serving)["changed"] == ["b:latest"]  # the same file again: try it again
+    put_back = diff(failed, reg(A, {**B, "aliases": ["bee"]}), serving)
+    assert put_back["changed"] == [] and put_back["updated"] == ["b:latest"]  # back to what serves

@@ -251,3 +251,29 @@ async def until_state(sup: supervisor.Supervisor, name: str, *states: str) -> di
             if infos[name]["statename"] in states:
                 return infos
             await asyncio.sleep(0.1)
+
+
+async def test_kill_takes_a_program_that_ignores_sigterm_and_its_children_at_once(paths: Paths) -> None:
+    """A vLLM that is still initialising ignores SIGTERM (QA: Ctrl-C of a cold start took 20 s
+    and more, supervisord's stopwaitsecs); `kill` ends its whole group without waiting, so no
+    EngineCore is left behind, and supervisord restarts nothing."""
+    sup = supervisor.Supervisor.spawn(paths)
+    try:
+        stubborn = "trap '' TERM; sleep 600 & echo $! > child; wait"
+        await sup.apply([Program("stubborn", ("sh", "-c", stubborn), {}, stopwaitsecs=30)])
+        await sup.start("stubborn")
+        child = paths.root / "child"
+        async with asyncio.timeout(10):
+            while not child.exists() or not child.read_text().strip():
+                await asyncio.sleep(0.05)
+        leader = (await sup.processes())["stubborn"]["pid"]
+        group = [psutil.Process(leader), psutil.Process(int(child.read_text()))]
+        started = asyncio.get_running_loop().time()
+        assert await sup.kill("stubborn") == leader
+        _, alive = psutil.wait_procs(group, timeout=5)
+        assert not alive and asyncio.get_running_loop().time() - started < 5
+        infos = await until_state(sup, "stubborn", "BACKOFF", "FATAL", "EXITED")
+        assert infos["stubborn"]["statename"] != "RUNNING"
+        assert await sup.kill("stubborn") is None and await sup.kill("nosuch") is None
+    finally:
+        await sup.shutdown()
