@@ -1004,14 +1004,34 @@ class Fleet:
 
         Waits while another model starts: a vLLM profiling its GPU takes memory that another
         server frees meanwhile for its own (its KV cache then comes out wrong, or it fails).
+        Its requests in flight do not wait for that: they are ended at once (`_end_requests`).
         """
         if self.sup is None or rt.remote:
             return
         if rt.pid is None and not rt.launching:
             await self._stop(rt, reason, hold=hold)  # no process (waiting its turn, or down): nothing to free
             return
+        if self._start_lock.locked():
+            await self._end_requests(rt, reason, hold=hold)
         async with self._start_lock:
             await self._stop(rt, reason, hold=hold)
+
+    async def _end_requests(self, rt: Runtime, reason: str, *, hold: bool) -> None:
+        """What a stop does at once for clients while its process stop waits for the start lock
+        (another model's start, up to cold_start_timeout): no new request reaches the server,
+        and those in flight end now with the stop's note, not when the other start is done."""
+        rt.wanted = False
+        rt.held = hold
+        await self._set(rt, State.STOPPING, f"{reason} (waiting for another model's start to finish)")
+        rt.stops += 1
+        rt.stop_note = self._stop_note(rt, reason, hold)
+        if rt.inflight and rt.port is not None:
+            cut = await asyncio.to_thread(sever_connections, rt.port)
+            log.info("%s: cut %d connection(s) to it, %d request(s) in flight (%s)", rt.name, cut, rt.inflight, reason)
+
+    @staticmethod
+    def _stop_note(rt: Runtime, reason: str, hold: bool) -> str:
+        return stop_note(rt.name, "vllama stop" if hold else reason)
 
     async def _stop(self, rt: Runtime, reason: str, *, hold: bool = False) -> None:
         """`stop_model` for a caller that holds the start lock."""
@@ -1024,7 +1044,7 @@ class Fleet:
         await self._set(rt, State.STOPPING, reason)
         if self.metrics is not None:
             self.metrics.action("stop", "admin" if hold else reason.split(" ")[0])
-        await self._stop_process(rt, stop_note(rt.name, "vllama stop" if hold else reason))
+        await self._stop_process(rt, self._stop_note(rt, reason, hold))
         if rt.pid is not None:
             reap_group(rt.pid, stopped=True)
         rt.pid = None

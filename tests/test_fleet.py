@@ -853,6 +853,39 @@ async def test_moving_a_model_off_a_taken_port_ends_the_streams_to_the_old_one(t
         server.close()
 
 
+async def test_an_admin_stop_ends_the_streams_at_once_while_another_model_starts(tmp_path: Path,
+                                                                               model_dir: Path) -> None:
+    """The process stop waits its turn behind another model's start (GPU memory profiling), which
+    may take a minute; the stop's clients do not: their streams end now, with the stop's note."""
+    server = StallingServer()
+    await server.start()
+    fleet, sup, health = await fleet_of(registry(model_dir, {"name": "a", "load": "on_demand", "port": server.port},
+                                                 {"name": "b", "load": "on_demand"}), tmp_path)
+    upstream = Upstream()
+    try:
+        a, b = fleet.runtimes["a:latest"], fleet.runtimes["b:latest"]
+        lease, reading = await stream_in_flight(fleet, health, upstream)
+        sup.stop = terminating_stop(sup, server)  # type: ignore[method-assign]
+        sup.apply_gate.clear()  # b's start holds the start lock, in supervisord's update
+        starting = asyncio.create_task(fleet.start_model(b))
+        await until(lambda: b.state == State.STARTING)
+        stopping = asyncio.create_task(fleet.stop_model(a, "stopped by admin", hold=True))
+        with pytest.raises(UpstreamError):
+            await asyncio.wait_for(reading, 5)
+        assert lease.explain("closed") == 'model "a:latest" was stopped (vllama stop) while answering'
+        assert a.state == State.STOPPING and not stopping.done()  # the process stop still waits its turn
+        lease.release()
+        make_ready(fleet, health, "b:latest")
+        sup.apply_gate.set()
+        await asyncio.wait_for(starting, 10)
+        await asyncio.wait_for(stopping, 10)
+        assert a.state == State.STOPPED and a.held and b.state == State.READY
+    finally:
+        await upstream.aclose()
+        await fleet.close()
+        server.close()
+
+
 async def test_a_reload_that_removes_a_model_tells_the_streams_that_outlive_the_drain(tmp_path: Path,
                                                                                      model_dir: Path) -> None:
     server = StallingServer()
