@@ -388,7 +388,10 @@ async def test_no_model_is_stopped_while_another_starts(tmp_path: Path, model_di
         lease.release()  # ... when a's last request ends (keep_alive 0) ...
         admin = asyncio.create_task(fleet.stop_model(a, "admin", hold=True))  # ... and an admin stops it too
         await asyncio.sleep(0.5)
-        assert ("stop", a.program) not in sup.calls and a.state == State.READY  # still serving meanwhile
+        # Its process waits its turn; its clients do not: no new request reaches it meanwhile.
+        assert ("stop", a.program) not in sup.calls and a.state == State.STOPPING
+        with pytest.raises(ModelUnavailable, match="stopped by an admin"):
+            await fleet.acquire("a")
         make_ready(fleet, health, "b:latest")
         await until(lambda: ("stop", a.program) in sup.calls)
         await admin
