@@ -138,6 +138,13 @@ class Runtime:
     def always(self) -> bool:
         return self.model.load == "always"
 
+    def interrupt(self, note: str) -> None:
+        """The router is about to cut this server's requests in flight (a stop, a shutdown): each
+        of them tells its client `note` instead of "the server closed the connection"
+        (`Lease.explain`)."""
+        self.stops += 1
+        self.stop_note = note
+
     @property
     def change_note(self) -> str | None:
         """What `vllama ps` says of a saved change that does not serve yet (see `pending`)."""
@@ -1023,8 +1030,7 @@ class Fleet:
         rt.wanted = False
         rt.held = hold
         await self._set(rt, State.STOPPING, f"{reason} (waiting for another model's start to finish)")
-        rt.stops += 1
-        rt.stop_note = self._stop_note(rt, reason, hold)
+        rt.interrupt(self._stop_note(rt, reason, hold))
         if rt.inflight and rt.port is not None:
             cut = await asyncio.to_thread(sever_connections, rt.port)
             log.info("%s: cut %d connection(s) to it, %d request(s) in flight (%s)", rt.name, cut, rt.inflight, reason)
@@ -1068,8 +1074,7 @@ class Fleet:
         drains first (`_drain`, up to server.shutdown_grace): what is cut here is what
         outlived the drain.
         """
-        rt.stops += 1
-        rt.stop_note = note
+        rt.interrupt(note)
         stop = asyncio.ensure_future(self.sup.stop(rt.program))  # type: ignore[union-attr]
         try:
             while not stop.done():

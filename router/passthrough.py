@@ -151,11 +151,14 @@ class Passthrough:
                     raise
                 status, resp_headers, chunks = await send()
         except UpstreamError as e:
+            lease.status = 502 if e.status >= 500 else e.status
             lease.release()
-            return error(502 if e.status >= 500 else e.status, lease.explain(e.message, e.status))
+            return error(lease.status, lease.explain(e.message, e.status))
         except BaseException:
+            lease.status = 499  # the client left
             lease.release()
             raise
+        lease.status = status  # vLLM's verdict (a 400 for a prompt too long included) is the client's
         stream = _released(chunks, lease, "event-stream" in resp_headers.get("content-type", ""))
         return Stream(stream, status_code=status, headers=resp_headers,
                       media_type=resp_headers.get("content-type", "application/json"),
@@ -172,15 +175,23 @@ async def _released(chunks: AsyncIterator[bytes], lease: Lease, events: bool) ->
     """`chunks` as they come; the model's lease ends with the stream, however it ends.
 
     A body cut mid-way stays cut, as vLLM's own would be; a stream of server-sent
-    `events` ends with an error event saying why (`Lease.explain`).
+    `events` ends with an error event saying why (`Lease.explain`). The lease keeps the
+    status the client was sent (set by `Passthrough.forward`), except that a body cut by
+    the upstream counts as 502 and one the client left as 499, as the Ollama routes count
+    theirs (`service.OllamaService`), so /metrics shows the failures.
     """
     try:
         async for chunk in chunks:
             yield chunk
     except UpstreamError as e:
-        log.warning("%s: pass-through ended by upstream error: %s", lease.runtime.name, e.message)
+        lease.status = 502
+        why = lease.explain(e.message, e.status)
+        log.warning("%s: pass-through ended by upstream error: %s", lease.runtime.name, why)
         if events:
-            yield _sse_error(e.status, lease.explain(e.message, e.status))
+            yield _sse_error(e.status, why)
+    except BaseException:
+        lease.status = 499  # the client left mid-stream
+        raise
     finally:
         lease.release()
         await chunks.aclose()  # type: ignore[attr-defined]

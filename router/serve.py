@@ -4,9 +4,11 @@ Order matters at both ends. Starting: leftovers of an earlier run are stopped
 (they may hold GPU memory), supervisord comes up on its private socket, models
 are registered and started in order, and the API listens at once (requests to
 a model that is starting wait for it). Stopping (SIGTERM, Ctrl-C): the API
-stops accepting, in-flight requests get `shutdown_grace` seconds, then every
-vLLM process group is stopped, then supervisord. If supervisord dies under
-us, we shut down rather than serve without process control.
+stops accepting, in-flight requests get `shutdown_grace` seconds (those still
+running then are ended with an error saying so, `ApiServer`), then every vLLM
+process group is stopped, then supervisord. If supervisord dies under us, we
+shut down rather than serve without process control, and exit non-zero
+(`StopSignals.exit_status`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 import uvicorn
 import uvloop
@@ -31,14 +34,23 @@ from .auth import AuthError, Guard, KeyStore, warn_if_exposed
 from .catalog import Catalog
 from .config import Config, ConfigError, Server, resolve_state_dir, server_changes
 from .cors import Cors
-from .lifecycle import Fleet, ReloadRejected
+from .hosts import host_check, is_loopback
+from .lifecycle import SEVER_EVERY, Fleet, ReloadRejected, Runtime
 from .limits import ASGIApp, BodyLimit, Gate
 from .metrics import Metrics, metrics_route
 from .service import OllamaService
 from .supervisor import Paths, Supervisor, SupervisorError
-from .upstream import Timeouts, Upstream
+from .upstream import Timeouts, Upstream, sever_connections
 
 log = logging.getLogger("vllama.serve")
+
+SUPERVISOR_LOST = 1
+"""Exit status of a `vllama serve` that stopped because supervisord died: a failure, so that a
+service manager (systemd's ``Restart=on-failure``) starts it again."""
+END_MARGIN = 5
+"""Seconds uvicorn's own shutdown deadline comes after server.shutdown_grace. At the grace,
+`ApiServer` ends the requests still in flight itself; uvicorn's deadline only cancels what
+that left (with a traceback per request), so it must come later."""
 
 
 @dataclass
@@ -90,7 +102,7 @@ def http_config(app: Any, config: Config, opts: Options) -> uvicorn.Config:
         lifespan="off",
         access_log=False,
         log_level=opts.log_level,
-        timeout_graceful_shutdown=math.ceil(s.shutdown_grace),
+        timeout_graceful_shutdown=math.ceil(s.shutdown_grace) + END_MARGIN,
         timeout_keep_alive=30,
     )
 
@@ -124,9 +136,7 @@ class LiveServer:
     upstream: Upstream
     """The client to the vLLM servers: its timeouts follow server.*_timeout."""
     host: str
-    """The address listened on (for the warning about serving it without keys)."""
-    http: uvicorn.Config | None = None
-    """uvicorn's settings: its graceful shutdown follows server.shutdown_grace."""
+    """The address listened on (for the warning about serving it without keys, and `hosts`)."""
 
     @classmethod
     def create(cls, config: Config, fleet: Fleet, keys: KeyStore | None, host: str) -> LiveServer:
@@ -135,13 +145,16 @@ class LiveServer:
                    body=BodyLimit(body_bytes(s)), gate=Gate(s.max_inflight), upstream=fleet.upstream, host=host)
 
     def wrap(self, app: ASGIApp) -> ASGIApp:
-        """`app` behind CORS, the keys, the body limit and the in-flight cap, in that order.
+        """`app` behind the host check, CORS, the keys, the body limit and the in-flight cap, in that order.
 
-        CORS comes first because a browser's preflight carries no key: it is answered there
-        (the request that follows still needs its key), and a page of an origin not allowed
-        is refused before anything else. A request without a valid key is refused before its
+        On a loopback address, a request for a host that is not a local name (a page that
+        rebound its domain to 127.0.0.1: `hosts`) is refused before anything. CORS comes
+        next because a browser's preflight carries no key: it is answered there (the
+        request that follows still needs its key), and a page of an origin not allowed is
+        refused before anything else. A request without a valid key is refused before its
         body is read or it takes a slot."""
-        return self.cors.middleware(self.guard.middleware(self.body.middleware(self.gate.middleware(app))))
+        wrapped = self.cors.middleware(self.guard.middleware(self.body.middleware(self.gate.middleware(app))))
+        return host_check(wrapped) if is_loopback(self.host) else wrapped
 
     def restart_needed(self, current: Server) -> list[str]:
         """The keys of `current` that differ from what serving began with and only a restart applies."""
@@ -163,8 +176,6 @@ class LiveServer:
         self.guard.max_body_bytes = self.body.limit = body_bytes(server)
         self.gate.limit = server.max_inflight
         self.upstream.set_timeouts(upstream_timeouts(server))
-        if self.http is not None:
-            self.http.timeout_graceful_shutdown = math.ceil(server.shutdown_grace)
         if was is None and keys is not None:
             log.warning("server.auth is now enabled: every request needs an API key")
         elif was is not None and keys is None:
@@ -209,6 +220,31 @@ class ServingFleet(Fleet):
             raise
         return {**d, **self._report(live, old.server, new.server)}
 
+    async def end_requests(self, grace: float) -> None:
+        """End every request still in flight at a model (server.shutdown_grace, `grace`, is over),
+        each with its API's error saying that vllama is shutting down.
+
+        Their connections to vLLM are cut, as a stop of their model cuts them
+        (`Fleet._stop_process`): streams end with their usual error line or event and a proper
+        end of the body, and a whole answer still awaited gets its error, in the words of
+        `Lease.explain`, here the shutdown's. Cut again each `SEVER_EVERY` until none is left
+        (a request may be sent again on a fresh connection); cancelled when the HTTP server is
+        done."""
+        busy = [rt for rt in self._all() if rt.inflight]
+        if not busy:
+            return
+        log.warning("server.shutdown_grace (%gs) is over: ending %d request(s) still in flight with an error",
+                    grace, sum(rt.inflight for rt in busy))
+        for rt in busy:
+            rt.interrupt(f'vllama is shutting down: model "{rt.name}" was stopped while answering')
+        while busy:
+            for rt in busy:
+                port = upstream_port(rt)
+                if port is not None:
+                    await asyncio.to_thread(sever_connections, port)
+            await asyncio.sleep(SEVER_EVERY)
+            busy = [rt for rt in busy if rt.inflight]
+
     @staticmethod
     def _report(live: LiveServer, old: Server, new: Server) -> dict[str, list[str]]:
         """What the reload did with the `server` section, logged and returned with its changes."""
@@ -220,6 +256,41 @@ class ServingFleet(Fleet):
             log.warning("models.yaml changed %s: not applied, `vllama serve` must be restarted for it "
                         "(still serving with the values it started with)", ", ".join("server." + k for k in restart))
         return {"server_applied": ["server." + k for k in applied], "restart_needed": pending}
+
+
+def upstream_port(rt: Runtime) -> int | None:
+    """The port `rt`'s server listens on (a ``url`` model's too: `sever_connections` cuts only loopback ones)."""
+    return rt.port if rt.port is not None else urlsplit(rt.base_url).port
+
+
+class ApiServer(uvicorn.Server):
+    """uvicorn's server, whose graceful shutdown ends what is still in flight when the grace is over.
+
+    uvicorn itself would cancel those requests: streams cut with no end of the body (curl's
+    exit 18, httpx's "incomplete chunked read") and a traceback logged for each. Instead,
+    requests waiting for a model to start are answered 503 at once (`Fleet.begin_shutdown`),
+    and at server.shutdown_grace (as it is when the shutdown begins: reloads change it),
+    `ServingFleet.end_requests` ends them with an error, and uvicorn's own deadline comes
+    `END_MARGIN` seconds later, for whatever that could not end.
+    """
+
+    def __init__(self, config: uvicorn.Config, fleet: ServingFleet) -> None:
+        super().__init__(config)
+        self.fleet = fleet
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        self.fleet.begin_shutdown()  # requests waiting for a model to start get a 503 now, not after the grace
+        grace = self.fleet.config.server.shutdown_grace
+        self.config.timeout_graceful_shutdown = math.ceil(grace) + END_MARGIN
+        ending = asyncio.ensure_future(self._end_after(grace))
+        try:
+            await super().shutdown(sockets)
+        finally:
+            ending.cancel()
+
+    async def _end_after(self, grace: float) -> None:
+        await asyncio.sleep(grace)
+        await self.fleet.end_requests(grace)
 
 
 def api_app(config: Config, fleet: ServingFleet, service: OllamaService, keys: KeyStore | None, host: str,
@@ -240,11 +311,14 @@ class StopSignals:
     Booting (supervisord, placement, the first starts) takes a while, and a signal then
     must still stop us: it cancels the boot. While serving, uvicorn has handlers of its
     own; it re-raises the signal once it returns, and landing here then lets the cleanup
-    run (the default SIGTERM action would kill us before it).
+    run (the default SIGTERM action would kill us before it). A stop nobody asked for
+    (supervisord died: `supervisor_lost`) is recorded too, for the exit status.
     """
 
     def __init__(self) -> None:
         self.received: list[int] = []
+        self.lost_supervisor = False
+        """supervisord died under us (`supervisor_lost`): the exit is a failure."""
         self.server: uvicorn.Server | None = None
         self.boot: asyncio.Future[None] | None = None
         self._loop = asyncio.get_running_loop()
@@ -257,6 +331,16 @@ class StopSignals:
     def __exit__(self, *_: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+    def supervisor_lost(self) -> None:
+        """supervisord is gone (the fleet's monitor saw it): stop serving, and say so in the exit status."""
+        self.lost_supervisor = True
+        if self.server is not None:
+            self.server.should_exit = True
+
+    def exit_status(self) -> int:
+        """0 for a stop that was asked for (a signal); `SUPERVISOR_LOST` when supervisord died under us."""
+        return SUPERVISOR_LOST if self.lost_supervisor else 0
 
     def _on_signal(self, sig: int, _frame: object) -> None:
         self.received.append(sig)
@@ -288,12 +372,7 @@ async def _serve(config: Config, opts: Options, keys: KeyStore | None, stop: Sto
 
     s = config.server
     upstream = Upstream(upstream_timeouts(s))
-
-    def supervisor_lost() -> None:
-        if stop.server is not None:
-            stop.server.should_exit = True
-
-    fleet = ServingFleet(config, sup, upstream, on_supervisor_lost=supervisor_lost)
+    fleet = ServingFleet(config, sup, upstream, on_supervisor_lost=stop.supervisor_lost)
     metrics = Metrics()
     fleet.metrics = metrics
     service = OllamaService(fleet, upstream)
@@ -302,8 +381,7 @@ async def _serve(config: Config, opts: Options, keys: KeyStore | None, stop: Sto
     assert live is not None
     warn_if_exposed(live.host, keys)
 
-    server = stop.server = uvicorn.Server(http_config(app, config, opts))
-    live.http = server.config
+    server = stop.server = ApiServer(http_config(app, config, opts), fleet)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(fleet.reload_file()))
     watcher = asyncio.create_task(watch_registry(fleet)) if s.watch and config.path else None
@@ -339,7 +417,7 @@ async def _serve(config: Config, opts: Options, keys: KeyStore | None, stop: Sto
             if lock is not None:
                 os.close(lock)
             await upstream.aclose()
-    return 0
+    return stop.exit_status()
 
 
 def main(config: Config, opts: Options) -> int:

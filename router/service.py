@@ -462,12 +462,14 @@ class OllamaService:
             yield _line(state.done(self.clock()))
         except UpstreamError as e:
             lease.status = 502
-            log.warning("%s: stream ended by upstream error: %s", lease.runtime.name, e.message)
-            yield _error_line(lease.explain(e.message, e.status))
+            why = lease.explain(e.message, e.status)
+            log.warning("%s: stream ended by upstream error: %s", lease.runtime.name, why)
+            yield _error_line(why)
         except StreamAborted as e:
             lease.status = 502
-            log.warning("%s: %s", lease.runtime.name, e)
-            yield _error_line(lease.explain(str(e)))
+            why = lease.explain(str(e))
+            log.warning("%s: %s", lease.runtime.name, why)
+            yield _error_line(why)
         except BaseException:
             lease.status = 499  # the client left mid-stream
             raise

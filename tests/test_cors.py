@@ -54,7 +54,7 @@ async def served(path: Path) -> AsyncIterator[tuple[ServingFleet, httpx.AsyncCli
     keys = KeyStore.from_config(config.server.auth, config.base_dir)
     app = api_app(config, fleet, OllamaService(fleet, upstream), keys, "127.0.0.1", [])
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://vllama.localhost") as client:
             yield fleet, client
     finally:
         await fleet.close()
@@ -114,7 +114,7 @@ async def test_the_actual_request_without_auth(registry: Path) -> None:
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "vscode-webview://abc123"
         r = await client.get("/api/tags")  # curl, SDKs: no Origin, nothing changes
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
-        r = await client.get("/api/tags", headers={"Origin": "http://router"})  # the router's own page
+        r = await client.get("/api/tags", headers={"Origin": "http://vllama.localhost"})  # the router's own page
         assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
 
 

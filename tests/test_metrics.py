@@ -9,6 +9,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
@@ -284,3 +285,63 @@ def test_every_model_state_has_its_gauge() -> None:
     from router.metrics import STATES
 
     assert sorted(STATES) == sorted(s.value for s in State)
+
+
+# --- the /v1 pass-through counts what the client got ----------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def passthrough_client(url: str) -> Any:
+    """The API as `vllama serve` builds it (metrics on the fleet) with one model at `url`."""
+    from router.config import parse
+    from router.serve import ServingFleet, api_app
+    from router.service import OllamaService
+    from router.upstream import Upstream
+
+    config = parse({"models": [{"name": "tiny", "source": "tiny", "url": url}]})
+    upstream = Upstream()
+    fleet = ServingFleet(config, None, upstream)
+    fleet.metrics = Metrics(process=False)
+    app = api_app(config, fleet, OllamaService(fleet, upstream), None, "127.0.0.1", [])
+    await fleet.start()
+    await fleet.refresh()
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as client:
+            yield fleet.metrics, client
+    finally:
+        await fleet.close()
+        await upstream.aclose()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_v1_refusal_of_vllm_is_counted_with_its_status(stream: bool) -> None:
+    """QA: max_tokens above max_model_len got the client vLLM's 400, and /metrics a 200."""
+    from tests.fake_vllm import FakeVLLM
+    from tests.fake_vllm import error as refusal
+
+    with FakeVLLM("tiny:latest") as fake:
+        fake.push(refusal(400, "'max_tokens' is too large: 3000. This model's maximum context length is 2048"))
+        async with passthrough_client(fake.url) as (m, client):
+            r = await client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 3000,
+                                                           "stream": stream})
+            assert r.status_code == 400
+            assert value(m, "vllama_requests_total", model="tiny:latest", endpoint="v1/completions",
+                         status="400") == 1
+            assert value(m, "vllama_requests_total", model="tiny:latest", endpoint="v1/completions",
+                         status="200") is None
+
+
+async def test_v1_streams_are_counted_200_when_whole_and_502_when_vllm_cuts_them() -> None:
+    from tests.fake_vllm import FakeVLLM, Script
+
+    with FakeVLLM("tiny:latest") as fake:
+        fake.push(Script(tokens=["a", "b"], finish_reason="stop"), Script(tokens=["a", "b", "c"], cut_after=1))
+        async with passthrough_client(fake.url) as (m, client):
+            body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+            whole = await client.post("/v1/chat/completions", json=body)
+            assert whole.status_code == 200 and whole.text.endswith("data: [DONE]\n\n")
+            cut = await client.post("/v1/chat/completions", json=body)
+            assert cut.status_code == 200 and '"error"' in cut.text
+            counted = {status: value(m, "vllama_requests_total", model="tiny:latest",
+                                     endpoint="v1/chat/completions", status=status) for status in ("200", "502")}
+            assert counted == {"200": 1, "502": 1}

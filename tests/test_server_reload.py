@@ -49,7 +49,7 @@ async def served(path: Path) -> AsyncIterator[tuple[ServingFleet, httpx.AsyncCli
     keys = KeyStore.from_config(config.server.auth, config.base_dir)
     app = api_app(config, fleet, OllamaService(fleet, upstream), keys, "127.0.0.1", [])
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as client:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as client:
             yield fleet, client
     finally:
         await fleet.close()

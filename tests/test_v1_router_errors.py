@@ -33,7 +33,7 @@ async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     fleet = ServingFleet(config, None, upstream)
     app = api_app(config, fleet, OllamaService(fleet, upstream), None, "127.0.0.1", [])
     try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://router") as c:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as c:
             yield c
     finally:
         await fleet.close()
