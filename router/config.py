@@ -444,7 +444,7 @@ def _check_models(reg: Registry, problems: list[str]) -> None:
             else:
                 seen[key] = f"{where} ({m.name})"
         prog = program_name(normalize_name(m.name))
-        if prog in programs:
+        if prog in programs and normalize_name(programs[prog]) != normalize_name(m.name):  # a same name is said above
             problems.append(f"{where}.name: {m.name!r} clashes with {programs[prog]} once made a program name")
         programs[prog] = m.name
         # Numeric limits (port range, max_model_len ≥ 1, ...) are checked by `_convert`.

@@ -57,6 +57,7 @@ def test_duplicate_names_and_aliases_are_rejected() -> None:
     ]})
     assert "models[1].name: 'a:latest' is already used by models[0] (a:latest)" in found
     assert "models[2].aliases[0]: 'shared:latest' is already used by models[0] (a:latest)" in found
+    assert len(found) == 2  # a name used twice is one problem, not also a program-name clash
 
 
 def test_semantic_checks() -> None:
