@@ -252,7 +252,7 @@ def admin_router(fleet: Fleet, usage: Usage = _no_usage, *,
         try:
             return fleet.get(name)
         except ModelNotFound:
-            raise ApiError(404, f'model "{name}" not found') from None
+            raise ApiError(404, f"model '{name}' not found") from None  # Ollama's words
 
     def local(rt: Runtime) -> Runtime:
         if rt.remote:

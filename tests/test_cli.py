@@ -585,7 +585,7 @@ def test_real_router(router: ServedRouter, monkeypatch: pytest.MonkeyPatch) -> N
     assert [m["name"] for m in json.loads(r.stdout)] == ["plain:latest"]
     r = invoke("list", "--json")
     assert [m["name"] for m in json.loads(r.stdout)] == ["plain:latest"]
-    assert_clean_error(invoke("start", "nope"), 'model "nope" not found (HTTP 404)')
+    assert_clean_error(invoke("start", "nope"), "model 'nope' not found (HTTP 404)")
     assert_clean_error(invoke("logs", "plain"), "vLLama does not control it (HTTP 400)")
     r = invoke("run", "plain", "hi")
     assert r.exit_code == 0 and r.stdout == "w0 w1 w2 \n"
