@@ -383,7 +383,11 @@ async def _serve(config: Config, opts: Options, keys: KeyStore | None, stop: Sto
 
     server = stop.server = ApiServer(http_config(app, config, opts), fleet)
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(fleet.reload_file()))
+    def on_hangup() -> None:
+        log.info("SIGHUP; reloading %s", config.path)
+        asyncio.ensure_future(fleet.reload_file())
+
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     watcher = asyncio.create_task(watch_registry(fleet)) if s.watch and config.path else None
     try:
         if not stop.received:

@@ -190,3 +190,43 @@ def test_serve_exits_0_on_sigterm(tmp_path: Path) -> None:
         assert serve.proc.wait(timeout=30) == 0, serve.log()
     finally:
         serve.close()
+
+
+def test_sighup_reloads_the_registry_file(tmp_path: Path) -> None:
+    """SIGHUP re-reads models.yaml, as a save does (here with the watcher off), and says so."""
+    registry = tmp_path / "models.yaml"
+    port, state = free_port(), tmp_path / "run"
+    head = f"server: {{port: {port}, state_dir: {state}, watch: false}}\nmodels:\n"
+    registry.write_text(head + "  - {name: a, source: a, url: 'http://127.0.0.1:9'}\n")
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "router.cli", "serve", "--config", str(registry)],
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, log_path.read_text()
+            try:
+                tags = httpx.get(f"{url}/api/tags").json()
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.1)
+        assert [m["name"] for m in tags["models"]] == ["a:latest"]
+        registry.write_text(head + "  - {name: a, source: a, url: 'http://127.0.0.1:9'}\n"
+                                   "  - {name: b, source: b, url: 'http://127.0.0.1:9'}\n")
+        time.sleep(0.5)
+        assert len(httpx.get(f"{url}/api/tags").json()["models"]) == 1  # no watcher: nothing yet
+        proc.send_signal(signal.SIGHUP)
+        while len(httpx.get(f"{url}/api/tags").json()["models"]) != 2:
+            assert time.monotonic() < deadline + 30, log_path.read_text()
+            time.sleep(0.1)
+        assert f"SIGHUP; reloading {registry}" in log_path.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        finally:
+            proc.kill()
+            supervisor.kill_stale(state)
