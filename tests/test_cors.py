@@ -9,56 +9,36 @@ runs. A reload that changes `server.origins` holds from the next request.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from router import config as registry_config
-from router.auth import KeyStore
-from router.config import ConfigError, load, parse
+from router.config import ConfigError, parse
 from router.cors import Cors
-from router.serve import ServingFleet, api_app
-from router.service import OllamaService
-from router.upstream import Upstream
 
-KEY = "team-key-0123456789abcdef"
+try:
+    from .live_api import KEY, registry_file, write
+    from .live_api import served as live_served
+except ImportError:
+    from live_api import KEY, registry_file, write
+    from live_api import served as live_served
+
 AUTH = {"enabled": True, "keys_file": "keys.yaml"}
 PAGE = "http://localhost:3000"
 EVIL = "https://evil.example"
 PREFLIGHT = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization,content-type"}
 
 
-def write(path: Path, server: dict[str, Any]) -> None:
-    path.write_text(yaml.safe_dump({"server": server,
-                                    "models": [{"name": "r", "source": "r", "url": "http://127.0.0.1:9/v1"}]}))
-
-
 @pytest.fixture
 def registry(tmp_path: Path) -> Path:
-    (tmp_path / "keys.yaml").write_text(yaml.safe_dump({"keys": [{"name": "team", "key": KEY}]}))
-    path = tmp_path / "models.yaml"
-    write(path, {})
-    return path
+    return registry_file(tmp_path)
 
 
-@asynccontextmanager
-async def served(path: Path) -> AsyncIterator[tuple[ServingFleet, httpx.AsyncClient]]:
-    config = load(path)
-    upstream = Upstream()
-    fleet = ServingFleet(config, None, upstream)
-    keys = KeyStore.from_config(config.server.auth, config.base_dir)
-    app = api_app(config, fleet, OllamaService(fleet, upstream), keys, "127.0.0.1", [])
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://vllama.localhost") as client:
-            yield fleet, client
-    finally:
-        await fleet.close()
-        await upstream.aclose()
+def served(path: Path) -> Any:
+    return live_served(path, host="vllama.localhost")  # a name of its own, for the same-host checks
 
 
 async def preflight(client: httpx.AsyncClient, origin: str, path: str = "/api/chat") -> httpx.Response:

@@ -9,51 +9,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
-import httpx
 import pytest
-import yaml
 
-from router.auth import KeyStore
-from router.config import Auth, Server, load, server_changes
-from router.serve import ServingFleet, api_app
-from router.service import OllamaService
-from router.upstream import Timeouts, Upstream
+from router.config import Auth, Server, server_changes
+from router.upstream import Timeouts
 
-KEY = "team-key-0123456789abcdef"
+try:
+    from .live_api import KEY, registry_file, served, write
+except ImportError:
+    from live_api import KEY, registry_file, served, write
+
 BIG = b"x" * (2 << 20)  # 2 MiB
-
-
-def write(path: Path, server: dict[str, Any]) -> None:
-    path.write_text(yaml.safe_dump({"server": server,
-                                    "models": [{"name": "r", "source": "r", "url": "http://127.0.0.1:9/v1"}]}))
 
 
 @pytest.fixture
 def registry(tmp_path: Path) -> Path:
-    (tmp_path / "keys.yaml").write_text(yaml.safe_dump({"keys": [{"name": "team", "key": KEY}]}))
-    path = tmp_path / "models.yaml"
-    write(path, {})
-    return path
-
-
-@asynccontextmanager
-async def served(path: Path) -> AsyncIterator[tuple[ServingFleet, httpx.AsyncClient]]:
-    config = load(path)
-    upstream = Upstream()
-    fleet = ServingFleet(config, None, upstream)
-    keys = KeyStore.from_config(config.server.auth, config.base_dir)
-    app = api_app(config, fleet, OllamaService(fleet, upstream), keys, "127.0.0.1", [])
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://localhost") as client:
-            yield fleet, client
-    finally:
-        await fleet.close()
-        await upstream.aclose()
+    return registry_file(tmp_path)
 
 
 def test_server_changes_name_live_keys_and_restart_keys() -> None:
