@@ -1045,6 +1045,9 @@ class Fleet:
             return
         rt.wanted = False
         rt.held = hold
+        if rt.state == State.STOPPED and rt.pid is None and not rt.launching:
+            await self._set(rt, State.STOPPED, reason)  # nothing runs: no stop to make, nor to count
+            return
         # Not ready from here on: a request now waits for the model to start again rather
         # than reach a server that supervisord is stopping.
         await self._set(rt, State.STOPPING, reason)

@@ -237,6 +237,25 @@ async def test_an_admin_stop_during_the_supervisord_update_is_not_undone(tmp_pat
         await fleet.close()
 
 
+async def test_stopping_a_stopped_model_only_holds_it(tmp_path: Path, model_dir: Path) -> None:
+    """Nothing runs, so nothing is stopped or counted as a stop; an admin's hold still applies."""
+    from router.metrics import Metrics
+
+    fleet, sup, _ = await fleet_of(registry(model_dir, {"name": "b", "load": "on_demand"}), tmp_path)
+    fleet.metrics = metrics = Metrics()
+    try:
+        b = fleet.runtimes["b:latest"]
+        assert b.state == State.STOPPED
+        await fleet.stop_model(b, "stopped by admin", hold=True)
+        assert b.state == State.STOPPED and b.held and b.reason == "stopped by admin"
+        assert ("stop", b.program) not in sup.calls
+        assert metrics.actions.labels("stop", "admin")._value.get() == 0
+        with pytest.raises(ModelUnavailable, match="stopped by an admin"):
+            await fleet.acquire("b")
+    finally:
+        await fleet.close()
+
+
 async def test_a_request_during_a_stop_waits_and_the_model_comes_back(tmp_path: Path, model_dir: Path) -> None:
     fleet, sup, health = await fleet_of(registry(model_dir, {"name": "a", "load": "on_demand"}), tmp_path)
     try:
