@@ -239,9 +239,14 @@ def _check(r: httpx.Response) -> None:
     _fail(message)
 
 
-def _fail(message: str, code: int = 1) -> NoReturn:
+def _fail(message: str, code: int = 1, *, json_error: bool = True) -> NoReturn:
     """One `error: ...` line on stderr, printed as is (a model name or vLLM message may hold
-    `[/...]`, which rich took for markup and died on), then exit `code`."""
+    `[/...]`, which rich took for markup and died on), then exit `code`. A command run with
+    --json also prints ``{"error": "..."}`` on stdout (unless it printed its JSON already,
+    `json_error` false): a script reading its JSON gets JSON."""
+    ctx = click.get_current_context(silent=True)
+    if json_error and ctx is not None and ctx.params.get("as_json"):
+        click.echo(json.dumps({"error": message}))
     _stderr().print(f"[bold red]error:[/] {escape(message)}")
     sys.exit(code)
 
@@ -397,7 +402,8 @@ def _control(action: str, model: str, host: str | None, as_json: bool, wait: boo
         Console(soft_wrap=True, highlight=False).print(Text.assemble(
             f"{status['name']}: ", (state, STATE_STYLE.get(state, "")), f" ({reason})" if reason else ""))
     if wait and state not in SETTLED:
-        _fail(f"{status['name']} is still {state} after {WAIT_SECONDS // 60} minutes; `vllama ps` shows how it goes")
+        _fail(f"{status['name']} is still {state} after {WAIT_SECONDS // 60} minutes; `vllama ps` shows how it goes",
+              json_error=False)  # --json printed the model's status
     if state in ("failed", "missing") or (wait and state != "ready"):
         sys.exit(1)
 

@@ -115,7 +115,10 @@ def test_server_not_running(monkeypatch: pytest.MonkeyPatch) -> None:
     for args in (["ps"], ["ps", "--json"], ["list"], ["logs", "m"], ["start", "m"], ["reload"], ["run", "m", "hi"]):
         r = invoke(*args)
         assert_clean_error(r, "cannot reach vllama")
-        assert r.stdout == ""
+        if "--json" in args:  # a script reading JSON gets JSON, with the same words
+            assert json.loads(r.stdout) == {"error": r.stderr.strip().removeprefix("error: ")}
+        else:
+            assert r.stdout == ""
 
 
 def test_hung_server_is_an_error_for_queries_not_a_hang(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -130,6 +133,14 @@ def test_hung_server_is_an_error_for_queries_not_a_hang(monkeypatch: pytest.Monk
 
 
 # --- errors from the server -------------------------------------------------------
+
+
+def test_json_commands_fail_in_json_too(server: Callable[[Handler], None]) -> None:
+    server(lambda req: httpx.Response(400, json={"error": "models[0].port: bad"}))
+    for args in (["reload", "--json"], ["start", "m", "--json"]):
+        r = invoke(*args)
+        assert_clean_error(r, "models[0].port: bad (HTTP 400)")
+        assert json.loads(r.stdout) == {"error": "models[0].port: bad (HTTP 400)"}
 
 
 def test_long_error_stays_on_one_line(server: Callable[[Handler], None]) -> None:
