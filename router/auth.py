@@ -56,6 +56,7 @@ from .limits import (
     Receive,
     Scope,
     Send,
+    canonical_paths,
     read_body,
     replay,
     send_error,
@@ -306,6 +307,7 @@ class Guard:
         return c() if callable(c) else c
 
     def middleware(self, app: ASGIApp) -> ASGIApp:
+        """`app` behind the keys; the paths checked are the ones the router routes (`canonical_paths`)."""
         guard = self
 
         async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
@@ -314,7 +316,7 @@ class Guard:
                 return
             await guard(app, scope, receive, send)
 
-        return guarded
+        return canonical_paths(guarded)
 
     async def __call__(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
         method, path = scope["method"], scope["path"]

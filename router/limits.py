@@ -15,6 +15,9 @@
 * `BodyLimit`: the request body limit (``server.max_body_mb``) on every route, checked
   against ``content-length`` before anything is read (a chunked body is read up to the
   limit). Its `limit`, like `Gate.limit`, may change while serving (a reload).
+* `canonical_paths`: every layer in front of Litestar sees a path as Litestar routes it
+  (``/api//pull/`` is ``/api/pull``), so that no check that compares paths can be walked
+  around by spelling one differently.
 * `error_body`: an error in the shape of the API a path belongs to (Ollama's
   ``{"error": "..."}``, OpenAI's or Anthropic's for the pass-through routes),
   for the answers given here and by `auth`, before any handler runs.
@@ -51,6 +54,33 @@ _OPENAI_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 403: "Permi
 _ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                     404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
                     413: "request_too_large", 431: "invalid_request_error", 503: "overloaded_error"}
+
+
+def canonical_path(path: str) -> str:
+    """`path` as Litestar routes it: runs of slashes are one, and a trailing slash is dropped
+    (``//api//pull/`` reaches the ``/api/pull`` handler)."""
+    if "//" not in path and (not path.endswith("/") or path == "/"):
+        return path  # nearly every request
+    return "/" + "/".join(part for part in path.split("/") if part)
+
+
+def canonical_paths(app: ASGIApp) -> ASGIApp:
+    """`app` called with the canonical path (`canonical_path`) in its scope.
+
+    The layers in front of the handlers (the admin-route and per-model checks of `auth`,
+    the error shapes here) compare ``scope["path"]`` with the routes as strings; Litestar
+    matches ``/api/pull/`` and ``//api/pull`` to ``/api/pull`` too, so without this a key
+    that may not pull could pull by adding a slash.
+    """
+
+    async def canonical(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = canonical_path(scope["path"])
+            if path != scope["path"]:
+                scope = {**scope, "path": path, "raw_path": path.encode()}
+        await app(scope, receive, send)
+
+    return canonical
 
 
 def is_v1(path: str) -> bool:

@@ -36,7 +36,7 @@ from .config import Config, ConfigError, Server, resolve_state_dir, server_chang
 from .cors import Cors
 from .hosts import host_check, is_loopback
 from .lifecycle import SEVER_EVERY, Fleet, ReloadRejected, Runtime
-from .limits import ASGIApp, BodyLimit, Gate
+from .limits import ASGIApp, BodyLimit, Gate, canonical_paths
 from .metrics import Metrics, metrics_route
 from .service import OllamaService
 from .supervisor import Paths, Supervisor, SupervisorError
@@ -154,7 +154,8 @@ class LiveServer:
         refused before anything else. A request without a valid key is refused before its
         body is read or it takes a slot."""
         wrapped = self.cors.middleware(self.guard.middleware(self.body.middleware(self.gate.middleware(app))))
-        return host_check(wrapped) if is_loopback(self.host) else wrapped
+        # Outermost: every layer, and every error's shape, sees the path Litestar routes.
+        return canonical_paths(host_check(wrapped) if is_loopback(self.host) else wrapped)
 
     def restart_needed(self, current: Server) -> list[str]:
         """The keys of `current` that differ from what serving began with and only a restart applies."""

@@ -28,9 +28,11 @@ from router.config import Auth, Server, parse
 
 try:
     from .fake_vllm import FakeVLLM
+    from .live_api import KEY, registry_file, served, write
     from .served import ServedRouter
 except ImportError:
     from fake_vllm import FakeVLLM
+    from live_api import KEY, registry_file, served, write
     from served import ServedRouter
 
 TEAM = "team-key-0123456789abcdef"
@@ -291,6 +293,44 @@ def test_admin_routes_need_an_admin_key(router: ServedRouter, method: str, path:
     r = httpx.request(method, router.url + path, json=body, headers=bearer(ADMIN))
     assert r.status_code not in (401, 403), r.text  # past the guard: the handler's own answer
     assert "error" not in r.text or "admin" not in r.json()["error"]
+
+
+def spellings(path: str) -> list[str]:
+    """`path` as Litestar routes it too: a trailing slash, a doubled leading or inner slash."""
+    head, _, tail = path.rpartition("/")
+    return [path + "/", "/" + path, f"{head}//{tail}"]
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/api/pull"), ("DELETE", "/api/delete"),
+                                             ("POST", "/vllama/models/r/stop")])
+async def test_no_spelling_of_an_admin_route_gets_past_the_keys_vllama_serve_puts_in_front(
+        tmp_path: Path, method: str, path: str) -> None:
+    """As `vllama serve` builds the API (the keys in front of Litestar, serve.LiveServer), not only
+    inside it: a non-admin key sent /api/pull/ or //api/pull past the admin check."""
+    registry = registry_file(tmp_path)
+    write(registry, {"auth": {"enabled": True, "keys_file": "keys.yaml"}})
+    async with served(registry) as (_, client):
+        for spelt in [path, *spellings(path)]:  # a whole URL: httpx reads a relative "//api" as a host
+            r = await client.request(method, f"http://localhost{spelt}", json={"model": "r"}, headers=bearer(KEY))
+            assert (r.status_code, r.json()) == (403, {"error": "this route needs an admin API key"}), spelt
+        r = await client.get("http://localhost//v1/models")  # no key: 401 in the shape of the API the path is
+        assert r.status_code == 401 and r.json()["error"]["type"] == "AuthenticationError"
+
+
+async def test_no_spelling_of_a_model_route_gets_past_a_keys_models(tmp_path: Path) -> None:
+    """The per-key model limits and the filtered listings, as `vllama serve` builds the API."""
+    registry = registry_file(tmp_path)
+    (tmp_path / "keys.yaml").write_text(yaml.safe_dump({"keys": [{"name": "team", "key": KEY, "models": ["r"]}]}))
+    registry.write_text(yaml.safe_dump({"server": {"auth": {"enabled": True, "keys_file": "keys.yaml"}}, "models": [
+        {"name": "r", "source": "r", "url": "http://127.0.0.1:9/v1"},
+        {"name": "s", "source": "s", "url": "http://127.0.0.1:9/v1"}]}))
+    async with served(registry) as (_, client):
+        for spelt in ["/api/generate", *spellings("/api/generate")]:
+            r = await client.post(f"http://localhost{spelt}", json={"model": "s", "prompt": "x"}, headers=bearer(KEY))
+            assert (r.status_code, r.json()) == (403, {"error": 'this API key may not use model "s"'}), spelt
+        for spelt in ["/api/tags", *spellings("/api/tags")]:
+            r = await client.get(f"http://localhost{spelt}", headers=bearer(KEY))
+            assert [m["name"] for m in r.json()["models"]] == ["r:latest"], spelt
 
 
 def test_admin_key_may_do_everything(router: ServedRouter) -> None:
