@@ -481,8 +481,12 @@ class OllamaService:
     # --- embeddings -------------------------------------------------------------------
 
     async def _embedding_call(self, lease: Lease, call: translate.UpstreamCall) -> dict[str, Any]:
+        """vLLM's embeddings for `call`; its prompt tokens go to the lease (for /metrics)."""
         try:
-            return await self.upstream.post_json(lease.runtime.base_url, call.path, call.body)
+            body = await self.upstream.post_json(lease.runtime.base_url, call.path, call.body)
+            usage = body.get("usage") if isinstance(body, dict) else None
+            lease.usage((usage.get("prompt_tokens") or 0) if isinstance(usage, dict) else 0, 0)
+            return body
         except UpstreamError as e:
             self._unreachable(lease, e)
             if translate.context_overflow(e.status, e.message):

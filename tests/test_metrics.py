@@ -291,14 +291,15 @@ def test_every_model_state_has_its_gauge() -> None:
 
 
 @contextlib.asynccontextmanager
-async def passthrough_client(url: str) -> Any:
-    """The API as `vllama serve` builds it (metrics on the fleet) with one model at `url`."""
+async def passthrough_client(url: str, **model: Any) -> Any:
+    """The API as `vllama serve` builds it (metrics on the fleet) with one model at `url`
+    (and the other registry keys of `model`)."""
     from router.config import parse
     from router.serve import ServingFleet, api_app
     from router.service import OllamaService
     from router.upstream import Upstream
 
-    config = parse({"models": [{"name": "tiny", "source": "tiny", "url": url}]})
+    config = parse({"models": [{"name": "tiny", "source": "tiny", "url": url, **model}]})
     upstream = Upstream()
     fleet = ServingFleet(config, None, upstream)
     fleet.metrics = Metrics(process=False)
@@ -345,3 +346,19 @@ async def test_v1_streams_are_counted_200_when_whole_and_502_when_vllm_cuts_them
             counted = {status: value(m, "vllama_requests_total", model="tiny:latest",
                                      endpoint="v1/chat/completions", status=status) for status in ("200", "502")}
             assert counted == {"200": 1, "502": 1}
+
+
+@pytest.mark.parametrize(("path", "body"), [("/api/embed", {"input": ["one two", "three"]}),
+                                            ("/api/embeddings", {"prompt": "one two"})])
+async def test_embeddings_count_their_prompt_tokens(path: str, body: dict[str, Any]) -> None:
+    """QA: /api/embed answered prompt_eval_count 8, and /metrics counted no prompt tokens."""
+    from tests.fake_vllm import FakeVLLM
+
+    with FakeVLLM("tiny:latest") as fake:
+        async with passthrough_client(fake.url, embedding=True) as (m, client):
+            r = await client.post(path, json={"model": "tiny", **body})
+            assert r.status_code == 200, r.text
+            sent = fake.last()["input"]
+            tokens = sum(len(str(s).split()) + 1 for s in ([sent] if isinstance(sent, str) else sent))
+            endpoint = path.removeprefix("/api/")
+            assert value(m, "vllama_prompt_tokens_total", model="tiny:latest", endpoint=endpoint) == tokens
